@@ -1,0 +1,86 @@
+"""Plain typed objects shared by the engines, the service and dispatch.
+
+Nothing here knows about gRPC, ONNX or HTTP: the servicer translates protobuf into these,
+the engines decide on them, dispatch forwards them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+# The route every engine may answer when no configured route fits (Arch-Router's contract).
+OTHER_ROUTE = "other"
+
+
+class Role(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+    SYSTEM = "system"
+    DEVELOPER = "developer"
+    TOOL = "tool"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """A route as the engines see it: a name and a plain-language description."""
+
+    name: str
+    description: str
+    # Optional example utterances (used by the encoder engine; Arch-Router ignores them).
+    examples: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What an engine decided for one conversation."""
+
+    route: str
+    """A configured route name, or OTHER_ROUTE."""
+    confidence: float
+    """Probability of `route` in [0, 1]."""
+    scores: Mapping[str, float] = field(default_factory=dict)
+    """Probability of every route plus OTHER_ROUTE, summing to 1; empty when scores were off."""
+    engine: str = ""
+    """Which engine decided: "arch-router" or "encoder"."""
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+    """Server-side phases in milliseconds, e.g. queue, prefill, decode, total."""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A routing engine. Implementations are asyncio-safe and own their worker threads."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def ready(self) -> bool:
+        """True once loaded and warmed up."""
+        ...
+
+    async def start(self) -> None:
+        """Load the model and warm it up; idempotent."""
+        ...
+
+    async def decide(
+        self,
+        messages: Sequence[Message],
+        routes: Sequence[RouteSpec],
+        *,
+        full_scores: bool = True,
+    ) -> Decision:
+        """Decide the route. Raises InvalidArgument, Overloaded or EngineUnavailable."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,4 @@
+"""Shared fixtures. Each area keeps its fixtures in tests/fixtures/<area>.py; they are
+re-exported here so every test directory can use them."""
+
+from tests.fixtures.models import *  # noqa: F403
