@@ -12,6 +12,8 @@ from grpc_router.types import (
     Engine,
     Message,
     Role,
+    RouteOutcome,
+    RouteRequest,
     RouteSpec,
 )
 
@@ -24,6 +26,8 @@ __all__ = [
     "Message",
     "Overloaded",
     "Role",
+    "RouteOutcome",
+    "RouteRequest",
     "RouteSpec",
     "RouterError",
 ]

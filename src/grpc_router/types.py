@@ -84,3 +84,33 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """One routing call as the transports hand it to the core router."""
+
+    messages: tuple[Message, ...]
+    routes: tuple[RouteSpec, ...] | None = None
+    """Per-request route set overriding the configured one; None uses the config's."""
+    request_id: str = ""
+    full_scores: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOutcome:
+    """The core router's answer: the decision mapped onto the configured models."""
+
+    route: str
+    model: str
+    """The preferred model of `route` (the default model for OTHER_ROUTE or a fallback)."""
+    confidence: float
+    scores: Mapping[str, float]
+    engine: str
+    fallback_used: bool = False
+    fallback_reason: str = ""
+    """Empty, or one of: "other", "below_threshold", "engine_error", "engine_timeout",
+    "overloaded", "unknown_route"."""
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+    decision: Decision | None = None
+    """The engine's raw decision; None when the engine failed and the router failed open."""
