@@ -28,52 +28,57 @@ class ArchRouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     provider: Provider = Field(
-        "auto",
+        default="auto",
         description="Execution provider: auto tries TensorRT, then CUDA, then CPU.",
     )
     intra_op_threads: int | None = Field(
-        None,
+        default=None,
         ge=0,
         description="Threads inside one ORT operator; None = onnxruntime's default "
         "(one per physical core).",
     )
     inter_op_threads: int | None = Field(
-        None,
+        default=None,
         ge=0,
         description="Threads across independent operators; None = onnxruntime's default (1, "
         "since the graph runs sequentially).",
     )
-    max_batch_size: int = Field(4, ge=1, description="Most requests coalesced into one model run.")
+    max_batch_size: int = Field(
+        default=4, ge=1, description="Most requests coalesced into one model run."
+    )
     max_wait_us: int = Field(
-        2000,
+        default=2000,
         ge=0,
         description="How long the first request of a batch waits for others, in microseconds.",
     )
     max_queue: int = Field(
-        64, ge=1, description="Requests waiting beyond this are rejected with Overloaded."
+        default=64, ge=1, description="Requests waiting beyond this are rejected with Overloaded."
     )
     prompt_token_budget: int = Field(
-        2048,
+        default=2048,
         ge=64,
         description="Most prompt tokens; the oldest turns are dropped first, the latest user "
         "turn is kept (truncated if it alone is too long).",
     )
     prefix_cache_bytes: int = Field(
-        512 * 1024 * 1024,
+        default=512 * 1024 * 1024,
         ge=0,
         description="Bound of the per-route-set prefix KV cache in bytes; 0 disables it.",
     )
     full_scores: bool = Field(
-        True,
+        default=True,
         description="Score every route plus 'other' by default (a request may turn it off).",
     )
     trt_cache_dir: Path | None = Field(
-        None,
+        default=None,
         description="TensorRT engine cache directory; None = <artifact>/trt-cache.",
     )
-    warmup: bool = Field(True, description="Run one decision at start so the first is not slow.")
+    warmup: bool = Field(
+        default=True, description="Run one decision at start so the first is not slow."
+    )
     variant: str | None = Field(
-        None, description="Artifact variant (int8, int4, fp16, fp32); None = the default one."
+        default=None,
+        description="Artifact variant (int8, int4, fp16, fp32); None = the default one.",
     )
 
 
