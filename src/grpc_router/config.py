@@ -1,0 +1,276 @@
+"""The YAML configuration: pydantic models and a loader that reports every error at once."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from grpc_router.errors import RouterError
+from grpc_router.selection import EngineConfig
+from grpc_router.types import OTHER_ROUTE, RouteSpec
+
+# Documented in the proto and the README; also applied to per-request route sets.
+ROUTE_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+ROUTE_NAME_RE = re.compile(ROUTE_NAME_PATTERN)
+_MODEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class ConfigError(RouterError):
+    """The config file is unreadable or invalid; the message lists every error."""
+
+    def __init__(self, path: Path, errors: list[str]) -> None:
+        lines = "\n".join(f"  {path}: {e}" for e in errors)
+        super().__init__(f"invalid config ({len(errors)} error(s)):\n{lines}")
+        self.path = path
+        self.errors = errors
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouteConfig(_Strict):
+    name: str = Field(pattern=ROUTE_NAME_PATTERN)
+    description: str = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    """Model keys, preferred first; the rest are fallbacks, in order."""
+    examples: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _not_other(cls, v: str) -> str:
+        if v == OTHER_ROUTE:
+            raise ValueError(f"'{OTHER_ROUTE}' is reserved for the engine's no-match answer")
+        return v
+
+    def spec(self) -> RouteSpec:
+        return RouteSpec(self.name, self.description, tuple(self.examples))
+
+
+class ModelConfig(_Strict):
+    base_url: str = Field(pattern=r"^https?://")
+    """OpenAI-compatible API root, e.g. https://api.openai.com/v1."""
+    model: str = Field(min_length=1)
+    """Model name sent upstream."""
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Environment variable holding the API key, read at call time; None sends no key."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class TlsConfig(_Strict):
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    """When set, clients must present a certificate signed by this CA (mTLS)."""
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    """0 picks a free port (printed at start-up)."""
+    grace_s: float = Field(default=10.0, ge=0)
+    """On SIGTERM, how long calls in flight may take to finish."""
+    max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    """Calls beyond this are refused with RESOURCE_EXHAUSTED; None is unbounded."""
+    reflection: bool = True
+    tls: TlsConfig | None = None
+
+
+class LimitsConfig(_Strict):
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest gRPC request accepted (bigger ones get RESOURCE_EXHAUSTED from gRPC itself)."""
+    max_messages: int = Field(default=64, ge=1)
+    max_routes: int = Field(default=64, ge=1)
+    max_content_chars: int = Field(default=32_000, ge=1)
+    """Per message."""
+    max_description_chars: int = Field(default=2_000, ge=1)
+
+
+class RoutingConfig(_Strict):
+    threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Decisions with lower confidence use the default route."""
+    fail_open: bool = True
+    """On engine error, timeout or overload: True answers the default route with a
+    fallback_reason; False fails the call (UNAVAILABLE / RESOURCE_EXHAUSTED)."""
+    engine_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    log_content: bool = False
+    """Log message content too; only for debugging, never in production."""
+
+
+class MetricsConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=9464, ge=0, le=65535)
+    """Prometheus HTTP port; None disables it."""
+
+
+class AppConfig(_Strict):
+    routes: list[RouteConfig] = Field(min_length=1)
+    models: dict[str, ModelConfig] = Field(min_length=1)
+    default_route: str = Field(pattern=ROUTE_NAME_PATTERN)
+    """Route answered for `other` and on failures; need not be one of `routes`."""
+    default_model: str
+    """Model of the default route, and the last fallback of every dispatch."""
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _cross_refs(self) -> AppConfig:
+        problems = _cross_ref_problems(self.model_dump(mode="python"))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def route(self, name: str) -> RouteConfig | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+    def route_specs(self) -> tuple[RouteSpec, ...]:
+        return tuple(r.spec() for r in self.routes)
+
+    def model_chain(self, route: str) -> list[str]:
+        """Models to try for `route`, in order: its own, then the default route's, then the
+        default model; without repeats."""
+        chain: list[str] = []
+        for name in (route, self.default_route):
+            cfg = self.route(name)
+            if cfg is not None:
+                chain.extend(m for m in cfg.models if m not in chain)
+        if self.default_model not in chain:
+            chain.append(self.default_model)
+        return chain
+
+    def preferred_model(self, route: str) -> str:
+        return self.model_chain(route)[0]
+
+
+def _cross_ref_problems(data: dict[str, Any]) -> list[str]:
+    """Checks across sections, tolerant of malformed input so they can run alongside field
+    validation and every error is reported at once."""
+    problems: list[str] = []
+    models = data.get("models")
+    model_keys = set(models) if isinstance(models, dict) else None
+    routes = data.get("routes")
+    seen: set[str] = set()
+    for i, r in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(r, dict):
+            continue
+        name = r.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(f"routes.{i}.name: duplicate route name '{name}'")
+            seen.add(name)
+        route_models = r.get("models")
+        if model_keys is not None and isinstance(route_models, list):
+            for j, m in enumerate(route_models):
+                if isinstance(m, str) and m not in model_keys:
+                    problems.append(f"routes.{i}.models.{j}: unknown model '{m}'")
+    for key in model_keys or ():
+        if not isinstance(key, str) or not _MODEL_KEY_RE.match(key):
+            problems.append(f"models.{key}: model key must match {_MODEL_KEY_RE.pattern}")
+    default_model = data.get("default_model")
+    if (
+        model_keys is not None
+        and isinstance(default_model, str)
+        and default_model not in model_keys
+    ):
+        problems.append(f"default_model: unknown model '{default_model}'")
+    limits = data.get("limits")
+    max_routes = limits.get("max_routes") if isinstance(limits, dict) else None
+    if not isinstance(max_routes, int):
+        max_routes = LimitsConfig().max_routes
+    if isinstance(routes, list) and len(routes) > max_routes:
+        problems.append(f"routes: {len(routes)} routes exceed limits.max_routes ({max_routes})")
+    return problems
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    out: list[str] = []
+    for e in err.errors():
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "value_error" and not e["loc"]:
+            # Cross-reference errors carry their own key paths.
+            out.extend(msg.split("; "))
+        else:
+            out.append(f"{_loc(e['loc'])}: {msg}")
+    return out
+
+
+def _resolve(cfg: AppConfig, base_dir: Path) -> AppConfig:
+    """Make relative paths absolute against the config file's directory."""
+
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base_dir / p)
+
+    tls = cfg.server.tls
+    server = cfg.server
+    if tls is not None:
+        tls = tls.model_copy(
+            update={
+                "cert": fix(tls.cert),
+                "key": fix(tls.key),
+                "client_ca": fix(tls.client_ca) if tls.client_ca else None,
+            }
+        )
+        server = server.model_copy(update={"tls": tls})
+    return cfg.model_copy(update={"server": server})
+
+
+def _check_files(cfg: AppConfig) -> list[str]:
+    problems: list[str] = []
+    tls = cfg.server.tls
+    if tls is not None:
+        for key, p in (("cert", tls.cert), ("key", tls.key), ("client_ca", tls.client_ca)):
+            if p is not None and not p.is_file():
+                problems.append(f"server.tls.{key}: file not found: {p}")
+    return problems
+
+
+def parse_config(data: Any, path: Path) -> AppConfig:
+    """Validate already-parsed YAML; `path` names the file in errors and anchors relative
+    paths."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, ["(top level): expected a mapping of sections"])
+    try:
+        cfg = AppConfig.model_validate(data)
+    except ValidationError as e:
+        errors = _format_errors(e)
+        cross = [p for p in _cross_ref_problems(data) if p not in errors]
+        raise ConfigError(path, errors + cross) from None
+    cfg = _resolve(cfg, path.parent.resolve())
+    problems = _check_files(cfg)
+    if problems:
+        raise ConfigError(path, problems)
+    return cfg
+
+
+def load_config(path: Path) -> AppConfig:
+    """Read and validate a YAML config. Raises ConfigError listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(path, [f"(file): cannot read: {e.strerror or e}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(path, [f"{where}: YAML syntax error: {problem}"]) from None
+    return parse_config(data, path)
