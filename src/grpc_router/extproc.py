@@ -87,7 +87,8 @@ class ExtProcSettings(BaseModel):
     max_body_bytes: int = Field(default=1 << 20, gt=0)
     """Larger bodies pass through unrouted."""
     failure_mode: Literal["open", "closed"] = "open"
-    """open: a routing failure lets the request through unrouted; closed: reject it."""
+    """open: a failed routing lets the request through (unrouted, or onto the router's default
+    route when the router itself failed open); closed: reject it with `failure_status`."""
     failure_status: int = Field(default=503, ge=400, le=599)
     """HTTP status of the rejection under failure_mode closed (invalid chats get 400)."""
     route_timeout_s: float = Field(default=4.0, gt=0)
@@ -117,7 +118,15 @@ class ExtProcSettings(BaseModel):
 class RouterLike(Protocol):
     """What ext_proc needs from the core router (grpc_router.core.Router)."""
 
-    async def route(self, request: RouteRequest) -> RouteOutcome: ...
+    async def route(
+        self, request: RouteRequest, *, timeout_s: float | None = None
+    ) -> RouteOutcome: ...
+
+
+# Router fallbacks that mean the engine failed (not that it chose the default route).
+_ENGINE_FAILURES = frozenset({"engine_error", "engine_timeout", "overloaded"})
+# Beyond route_timeout_s (which the router enforces on its engine), a guard against a hung router.
+_GUARD_S = 1.0
 
 
 @dataclass(slots=True)
@@ -278,6 +287,17 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return self._on_failure(stream, failure)
         finally:
             EXTPROC_ROUTE_SECONDS.observe(time.perf_counter() - started)
+        if outcome.fallback_reason in _ENGINE_FAILURES:
+            # The router failed open onto its default route; closed mode still rejects.
+            engine_failure = _Failure(
+                outcome.fallback_reason,
+                self._settings.failure_status,
+                f"engine failed ({outcome.fallback_reason})",
+            )
+            if self._settings.failure_mode == "closed":
+                return self._on_failure(stream, engine_failure)
+            self._count_failure(stream, engine_failure)
+            return self._routed_response(document, outcome)
         EXTPROC_REQUESTS.labels("routed").inc()
         log.debug(
             "extproc.routed",
@@ -309,8 +329,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     async def _route(self, request: RouteRequest) -> RouteOutcome:
         try:
+            limit = self._settings.route_timeout_s
             return await asyncio.wait_for(
-                self._router.route(request), timeout=self._settings.route_timeout_s
+                self._router.route(request, timeout_s=limit), timeout=limit + _GUARD_S
             )
         except InvalidArgument as exc:
             raise _Failure("invalid_argument", 400, str(exc)) from exc
@@ -325,7 +346,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             log.exception("extproc.router_crashed", request_id=request.request_id)
             raise _Failure("internal", self._settings.failure_status, repr(exc)) from exc
 
-    def _on_failure(self, stream: _Stream, failure: _Failure) -> pb.ProcessingResponse:
+    def _count_failure(self, stream: _Stream, failure: _Failure) -> None:
         mode = self._settings.failure_mode
         EXTPROC_REQUESTS.labels("failed").inc()
         EXTPROC_FAILURES.labels(failure.reason, mode).inc()
@@ -337,7 +358,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             path=stream.path,
             request_id=stream.request_id,
         )
-        if mode == "open":
+
+    def _on_failure(self, stream: _Stream, failure: _Failure) -> pb.ProcessingResponse:
+        self._count_failure(stream, failure)
+        if self._settings.failure_mode == "open":
             return _continue("request_body")
         error = {
             "error": {
