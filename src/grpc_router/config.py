@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -10,13 +11,24 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpc_router.errors import RouterError
+from grpc_router.extproc import ExtProcSettings
 from grpc_router.selection import EngineConfig
 from grpc_router.types import OTHER_ROUTE, RouteSpec
 
 # Documented in the proto and the README; also applied to per-request route sets.
 ROUTE_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 ROUTE_NAME_RE = re.compile(ROUTE_NAME_PATTERN)
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _MODEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+def _env_value(m: re.Match[str]) -> str:
+    value = os.environ.get(m.group(1))
+    if value:
+        return value
+    if m.group(2) is not None:
+        return m.group(2)
+    raise ValueError(f"environment variable {m.group(1)} is not set and has no default")
 
 
 class ConfigError(RouterError):
@@ -53,7 +65,8 @@ class RouteConfig(_Strict):
 
 class ModelConfig(_Strict):
     base_url: str = Field(pattern=r"^https?://")
-    """OpenAI-compatible API root, e.g. https://api.openai.com/v1."""
+    """OpenAI-compatible API root, e.g. https://api.openai.com/v1. `${VAR}` and
+    `${VAR:-default}` are expanded from the environment at load time."""
     model: str = Field(min_length=1)
     """Model name sent upstream."""
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -61,6 +74,11 @@ class ModelConfig(_Strict):
     timeout_s: float = Field(default=60.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return _ENV_RE.sub(_env_value, v) if isinstance(v, str) else v
 
 
 class TlsConfig(_Strict):
@@ -126,6 +144,7 @@ class AppConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ext_proc: ExtProcSettings = Field(default_factory=ExtProcSettings)
 
     @model_validator(mode="after")
     def _cross_refs(self) -> AppConfig:
