@@ -7,15 +7,24 @@ decoder and the dynamic batcher together. It knows nothing about gRPC.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from grpc_router.errors import EngineUnavailable
-from grpc_router.types import Decision, Message, RouteSpec
+from grpc_router.artifact import load_artifact, manifest_summary, resolve_variant_dir
+from grpc_router.batcher import Batcher, Job
+from grpc_router.decoder import Outcome, Trie, greedy, prompt_rows, score_all
+from grpc_router.errors import EngineUnavailable, RouterError
+from grpc_router.kvcache import PrefixCache, PrefixKV, stack_past
+from grpc_router.prompt import Prompt, PromptBuilder, answer_names
+from grpc_router.runtime import DecoderSession
+from grpc_router.types import Decision, Message, Role, RouteSpec
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +91,24 @@ class ArchRouterSettings(BaseModel):
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Request:
+    messages: tuple[Message, ...]
+    routes: tuple[RouteSpec, ...]
+    full_scores: bool
+
+
+@dataclass(slots=True)
+class _Prepared:
+    job: int
+    prompt: Prompt
+    trie: Trie
+    full_scores: bool
+    past_len: int = 0
+    cached_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 class ArchRouterEngine:
     """Routes with Arch-Router-1.5B exported to ONNX, run on onnxruntime."""
 
@@ -90,6 +117,18 @@ class ArchRouterEngine:
         self._settings = settings or ArchRouterSettings()
         self._ready = False
         self._lock = asyncio.Lock()
+        self._session: DecoderSession | None = None
+        self._prompts: PromptBuilder | None = None
+        self._cache = PrefixCache(self._settings.prefix_cache_bytes)
+        self._tries: dict[str, Trie] = {}
+        self._batcher: Batcher[_Request, Decision] = Batcher(
+            self._process,
+            max_batch_size=self._settings.max_batch_size,
+            max_wait_us=self._settings.max_wait_us,
+            max_queue=self._settings.max_queue,
+        )
+        self.variant = ""
+        self.variant_dir: Path | None = None
 
     @property
     def name(self) -> str:
@@ -103,8 +142,50 @@ class ArchRouterEngine:
     def settings(self) -> ArchRouterSettings:
         return self._settings
 
+    @property
+    def provider(self) -> str:
+        return self._session.provider if self._session else ""
+
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        return self._cache
+
     async def start(self) -> None:
-        raise EngineUnavailable("arch-router engine: not implemented yet")
+        async with self._lock:
+            if self._ready:
+                return
+            await asyncio.to_thread(self._load)
+            self._batcher.start()
+            if self._settings.warmup:
+                await self.decide(
+                    [Message(Role.USER, "Hello, can you help me?")],
+                    [RouteSpec("warmup", "A route used once to warm the engine up.")],
+                    full_scores=True,
+                )
+                self._cache.clear()
+            self._ready = True
+
+    def _load(self) -> None:
+        s = self._settings
+        variant_dir = resolve_variant_dir(self._artifact, s.variant)
+        manifest = load_artifact(variant_dir)
+        if manifest.kind != "decoder":
+            raise EngineUnavailable(
+                f"{variant_dir} holds a {manifest.kind!r} model; the arch-router engine needs "
+                "a decoder artifact from `make export`"
+            )
+        self._prompts = PromptBuilder.from_dir(variant_dir)
+        self._session = DecoderSession(
+            variant_dir / manifest.model_file,
+            provider=s.provider,
+            intra_op_threads=s.intra_op_threads,
+            inter_op_threads=s.inter_op_threads,
+            trt_cache_dir=s.trt_cache_dir or variant_dir / "trt-cache",
+            max_tokens=s.prompt_token_budget,
+            max_batch=s.max_batch_size * 32,
+        )
+        self.variant, self.variant_dir = manifest.variant, variant_dir
+        log.info("arch-router loaded", **manifest_summary(manifest), provider=self.provider)
 
     async def decide(
         self,
@@ -113,7 +194,118 @@ class ArchRouterEngine:
         *,
         full_scores: bool = True,
     ) -> Decision:
-        raise EngineUnavailable("arch-router engine is not started")
+        if self._session is None:
+            raise EngineUnavailable("arch-router engine is not started")
+        answer_names(routes)  # fail fast on a bad route set, before queueing
+        start = time.perf_counter()
+        request = _Request(
+            tuple(messages), tuple(routes), full_scores and self._settings.full_scores
+        )
+        decision = await self._batcher.submit(request)
+        timings = dict(decision.timings_ms)
+        timings["total"] = (time.perf_counter() - start) * 1e3
+        return Decision(
+            route=decision.route,
+            confidence=decision.confidence,
+            scores=decision.scores,
+            engine=self.name,
+            timings_ms=timings,
+            prompt_tokens=decision.prompt_tokens,
+            cached_tokens=decision.cached_tokens,
+        )
 
     async def close(self) -> None:
         self._ready = False
+        await asyncio.to_thread(self._batcher.stop)
+
+    # --- worker thread -------------------------------------------------------------------
+
+    def _trie(self, routes: Sequence[RouteSpec], key: str) -> Trie:
+        trie = self._tries.get(key)
+        if trie is None:
+            assert self._prompts is not None
+            trie = Trie(self._prompts.route_paths(answer_names(routes)))
+            if len(self._tries) >= 256:
+                self._tries.pop(next(iter(self._tries)))
+            self._tries[key] = trie
+        return trie
+
+    def _process(self, jobs: list[Job[_Request, Decision]]) -> list[Decision | BaseException]:
+        assert self._prompts is not None and self._session is not None
+        results: list[Decision | BaseException | None] = [None] * len(jobs)
+        groups: dict[str, list[_Prepared]] = {}
+        for k, job in enumerate(jobs):
+            req = job.payload
+            try:
+                prompt = self._prompts.build(
+                    req.messages, req.routes, self._settings.prompt_token_budget
+                )
+                trie = self._trie(req.routes, prompt.prefix.key)
+            except RouterError as exc:
+                results[k] = exc
+                continue
+            prep = _Prepared(k, prompt, trie, req.full_scores)
+            groups.setdefault(prompt.prefix.key, []).append(prep)
+        for group in groups.values():
+            for prep, outcome in zip(group, self._run_group(group), strict=True):
+                job = jobs[prep.job]
+                queue_ms = (job.started - job.enqueued) * 1e3
+                results[prep.job] = Decision(
+                    route=outcome.route,
+                    confidence=outcome.confidence,
+                    scores=outcome.scores,
+                    engine=self.name,
+                    timings_ms={"queue": queue_ms, **prep.timings},
+                    prompt_tokens=len(prep.prompt.ids),
+                    cached_tokens=prep.cached_tokens,
+                )
+        return [r if r is not None else EngineUnavailable("no result") for r in results]
+
+    def _prefix_past(self, group: list[_Prepared]) -> tuple[list[np.ndarray], int]:
+        """The shared past of a group (same route set): the cached prefix KV, or nothing."""
+        session = self._session
+        assert session is not None
+        prefix = group[0].prompt.prefix
+        usable = self._cache.max_bytes > 0 and all(p.prompt.prefix_len > 0 for p in group)
+        if not usable or not prefix.ids:
+            return session.empty_past(len(group)), 0
+        entry = self._cache.get(prefix.key, prefix.ids)
+        hit = entry is not None
+        if entry is None:
+            n = len(prefix.ids)
+            out = session.run(
+                np.asarray([prefix.ids], dtype=np.int64),
+                np.ones((1, n), dtype=np.int64),
+                np.arange(n, dtype=np.int64)[None, :],
+                session.empty_past(1),
+            )
+            entry = PrefixKV(prefix.ids, out.present)
+            self._cache.put(prefix.key, entry)
+        for p in group:
+            p.cached_tokens = len(prefix.ids) if hit else 0
+        return stack_past([entry.past] * len(group)), len(prefix.ids)
+
+    def _run_group(self, group: list[_Prepared]) -> list[Outcome]:
+        session = self._session
+        assert session is not None
+        t0 = time.perf_counter()
+        past, past_len = self._prefix_past(group)
+        root, rows = prompt_rows(session, past, past_len, [p.prompt.ids[past_len:] for p in group])
+        t1 = time.perf_counter()
+        outcomes: list[Outcome | None] = [None] * len(group)
+        trie = group[0].trie
+        for wanted, phase in ((True, "score"), (False, "decode")):
+            idx = [i for i, p in enumerate(group) if p.full_scores is wanted]
+            if not idx:
+                continue
+            fn = score_all if wanted else greedy
+            t = time.perf_counter()
+            outs, _ = fn(session, trie, rows.take(idx), [root[i] for i in idx])
+            ms = (time.perf_counter() - t) * 1e3
+            for i, out in zip(idx, outs, strict=True):
+                outcomes[i] = out
+                group[i].timings[phase] = ms
+        prefill_ms = (t1 - t0) * 1e3
+        for p in group:
+            p.timings["prefill"] = prefill_ms
+        return [o for o in outcomes if o is not None]

@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer  # type: ignore[import-untyped]
 
 from grpc_router.errors import ArtifactError, InvalidArgument
 from grpc_router.types import OTHER_ROUTE, Message, Role, RouteSpec

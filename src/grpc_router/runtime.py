@@ -1,0 +1,185 @@
+"""One onnxruntime session over a decoder-with-past graph: provider choice, threads, a run.
+
+The graph is Optimum's text-generation-with-past export: inputs input_ids, attention_mask,
+position_ids and past_key_values.{i}.key/.value; outputs logits and present.{i}.key/.value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import structlog
+
+from grpc_router.errors import ArtifactError, EngineUnavailable
+
+log = structlog.get_logger(__name__)
+
+TRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_GPU_HINT = "install onnxruntime-gpu (pip install 'grpc-router[gpu]') on a machine with CUDA"
+
+Int64Array = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.floating[Any]]
+ProviderName = Literal["auto", "tensorrt", "cuda", "cpu"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderChoice:
+    name: str
+    """The onnxruntime provider that runs the graph: TRT, CUDA or CPU."""
+    providers: list[tuple[str, dict[str, str]]]
+    """What InferenceSession gets, in priority order."""
+
+
+def choose_provider(
+    requested: ProviderName,
+    *,
+    available: list[str] | None = None,
+    trt_cache_dir: Path | None = None,
+    max_tokens: int = 4096,
+    max_batch: int = 16,
+) -> ProviderChoice:
+    """Pick the execution provider; an asked-for provider that is absent is an error."""
+    have = ort.get_available_providers() if available is None else available
+    if requested == "auto":
+        requested = "tensorrt" if TRT in have else "cuda" if CUDA in have else "cpu"
+    if requested == "cpu":
+        return ProviderChoice(CPU, [(CPU, {})])
+    if requested == "cuda":
+        if CUDA not in have:
+            raise EngineUnavailable(
+                f"provider 'cuda' asked for but onnxruntime has only {have}: {_GPU_HINT}"
+            )
+        return ProviderChoice(CUDA, [(CUDA, {}), (CPU, {})])
+    if TRT not in have:
+        raise EngineUnavailable(
+            f"provider 'tensorrt' asked for but onnxruntime has only {have}: {_GPU_HINT} "
+            "and TensorRT"
+        )
+    cache = str(trt_cache_dir or Path("trt-cache"))
+    # One profile spanning single decode steps up to full prompts of a whole batch.
+    dims = "input_ids:{b}x{s},attention_mask:{b}x{s},position_ids:{b}x{s}"
+    trt_opts = {
+        "trt_fp16_enable": "True",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": cache,
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": cache,
+        "trt_profile_min_shapes": dims.format(b=1, s=1),
+        "trt_profile_opt_shapes": dims.format(b=max(1, max_batch // 2), s=512),
+        "trt_profile_max_shapes": dims.format(b=max_batch, s=max_tokens),
+    }
+    return ProviderChoice(TRT, [(TRT, trt_opts), (CUDA, {}), (CPU, {})])
+
+
+@dataclass(slots=True)
+class StepOutput:
+    logits: FloatArray
+    """[batch, seq, vocab], float32 on the host."""
+    present: list[FloatArray]
+    """Per layer key then value, [batch, kv_heads, past+seq, head_dim]."""
+
+
+class DecoderSession:
+    """The model graph plus what the engine needs to know about its shapes."""
+
+    def __init__(
+        self,
+        model_file: Path,
+        *,
+        provider: ProviderName = "auto",
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        trt_cache_dir: Path | None = None,
+        max_tokens: int = 4096,
+        max_batch: int = 16,
+    ) -> None:
+        self.choice = choose_provider(
+            provider, trt_cache_dir=trt_cache_dir, max_tokens=max_tokens, max_batch=max_batch
+        )
+        opts = ort.SessionOptions()
+        if intra_op_threads is not None:
+            opts.intra_op_num_threads = intra_op_threads
+        if inter_op_threads is not None:
+            opts.inter_op_num_threads = inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(model_file), opts, providers=self.choice.providers
+            )
+        except Exception as exc:  # ORT raises its own untyped errors
+            raise ArtifactError(f"onnxruntime could not load {model_file}: {exc}") from exc
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        needed = {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key"}
+        if not needed <= inputs.keys():
+            raise ArtifactError(
+                f"{model_file} is not a decoder-with-past graph (inputs {sorted(inputs)}); "
+                "export it with task text-generation-with-past (make export)"
+            )
+        self.layers = sum(1 for n in inputs if n.startswith("past_key_values.")) // 2
+        kv = inputs["past_key_values.0.key"]
+        self.kv_heads = int(kv.shape[1])
+        self.head_dim = int(kv.shape[3])
+        self.kv_dtype: np.dtype[Any] = np.dtype(np.float16 if "float16" in kv.type else np.float32)
+        self.vocab = int(self.session.get_outputs()[0].shape[2])
+        self._past_names = [
+            f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")
+        ]
+        self._out_names = [o.name for o in self.session.get_outputs()]
+        log.info(
+            "onnxruntime session",
+            provider=self.choice.name,
+            available=ort.get_available_providers(),
+            layers=self.layers,
+            intra_op_threads=intra_op_threads,
+            model=str(model_file),
+        )
+
+    @property
+    def provider(self) -> str:
+        return self.choice.name
+
+    def token_bytes(self) -> int:
+        """Bytes of KV cache per token."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_dtype.itemsize
+
+    def empty_past(self, batch: int) -> list[FloatArray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return [np.zeros(shape, self.kv_dtype) for _ in self._past_names]
+
+    def run(
+        self,
+        input_ids: Int64Array,
+        attention_mask: Int64Array,
+        position_ids: Int64Array,
+        past: list[FloatArray],
+    ) -> StepOutput:
+        feed: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+        feed.update(zip(self._past_names, past, strict=True))
+        if self.choice.name == CPU:
+            out = self.session.run(self._out_names, feed)
+        else:
+            out = self._run_bound(feed)
+        logits = np.asarray(out[0], dtype=np.float32)
+        return StepOutput(logits, list(out[1:]))
+
+    def _run_bound(self, feed: dict[str, Any]) -> list[Any]:
+        # GPU: IO binding so the inputs are copied once and ORT allocates outputs on the
+        # device; logits come back for the host-side trie logic.
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        for name in self._out_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        return [v.numpy() for v in binding.get_outputs()]
