@@ -154,6 +154,24 @@ class ArtifactBuilder:
             shutil.rmtree(self._retired, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_dir(parent: Path, label: str) -> Iterator[Path]:
+    """A private work dir `parent/.work-<label>-<pid>-<rand>`, removed on exit; ones left by
+    killed processes are removed on the next call."""
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".work-{label}-"
+    for path in parent.glob(prefix + "*"):
+        pid = path.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def recover_leftovers(final_dir: Path) -> None:
     """Undo what a killed builder of `final_dir` left: drop its temp dir, and put back the old
     artifact if it was killed between the two renames of a commit."""

@@ -1,0 +1,235 @@
+"""The decoder export, step by step: fp32 base -> each variant -> parity -> atomic publish."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.decoder import (
+    MODEL_FILE,
+    VARIANTS,
+    QuantSettings,
+    build_variant,
+    copy_checkpoint_files,
+    estimate_variant_bytes,
+    export_fp32,
+    graph_facts,
+)
+from export.errors import ExportError
+from export.manifest import ArtifactBuilder, scratch_dir, set_default_variant
+from export.progress import Progress, human_size
+from export.source import Checkpoint
+from grpc_router.artifact import list_variants, pick_default
+
+FREE_BYTES_ENV = "GRPC_ROUTER_EXPORT_FREE_BYTES"
+# Where each variant is meant to run (recorded in the manifest for the server's choice of EP).
+TARGETS = {
+    "int4": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+    "int8": ["CPUExecutionProvider"],
+    "fp16": ["CUDAExecutionProvider", "TensorrtExecutionProvider"],
+    "fp32": ["CPUExecutionProvider", "CUDAExecutionProvider"],
+}
+DEFAULT_REASON = (
+    "fastest variant whose logits are row-independent (weight-only MatMulNBits): int4 decodes "
+    "faster than 8-bit at equal prefill speed; dynamic int8 (quantize_dynamic) is faster to "
+    "prefill but its per-call activation scale makes logits depend on batch neighbours, padding "
+    "and cached prefixes, so it is not offered."
+)
+
+
+@dataclass
+class ExportOptions:
+    name: str
+    out: Path
+    variants: tuple[str, ...] = ("int4", "int8")
+    settings: QuantSettings = field(default_factory=QuantSettings)
+    fp32_tolerance: float = 1e-4
+    parity_threshold: float | None = None
+    """Max KL (prefill or decode) a quantized variant may show; None reports without gating."""
+    parity: bool = True
+    free_bytes: int | None = None
+    """Free space at `out` (None: ask the filesystem; the env var overrides, for tests)."""
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    path: Path
+    size_bytes: int
+    parity: dict[str, Any]
+    seconds: float
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise ExportError(
+            f"unknown variant {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(VARIANTS)} (comma-separated, e.g. --variants int4,int8 or VARIANTS=int4)."
+        )
+    return names
+
+
+def free_bytes_at(path: Path, override: int | None) -> int:
+    if os.environ.get(FREE_BYTES_ENV):
+        return int(os.environ[FREE_BYTES_ENV])
+    if override is not None:
+        return override
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_disk(config: dict[str, Any], opts: ExportOptions) -> int:
+    """Refuse early when the variants (plus the temporary fp32 base) cannot fit."""
+    needed = estimate_variant_bytes(config, "fp32", opts.settings)  # the fp32 base, always
+    needed += sum(
+        estimate_variant_bytes(config, v, opts.settings) for v in opts.variants if v != "fp32"
+    )
+    needed = int(needed * 1.1)  # graph protos, tokenizer files, slack
+    free = free_bytes_at(opts.out, opts.free_bytes)
+    if free < needed:
+        raise ExportError(
+            f"not enough disk space in {opts.out}: exporting {', '.join(opts.variants)} needs "
+            "about "
+            f"{human_size(needed)} (including a temporary fp32 copy) and only {human_size(free)} "
+            "is free. Free some space, pass --out on a larger disk, or export fewer variants "
+            "(e.g. --variants int4)."
+        )
+    return needed
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _decoder_facts(config: dict[str, Any]) -> dict[str, Any]:
+    heads = int(config["num_attention_heads"])
+    return {
+        "model_type": config.get("model_type"),
+        "num_layers": int(config["num_hidden_layers"]),
+        "num_key_value_heads": int(config.get("num_key_value_heads", heads)),
+        "head_dim": int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+        "vocab_size": int(config["vocab_size"]),
+        "eos_token_id": config.get("eos_token_id"),
+        "pad_token_id": config.get("pad_token_id"),
+        "kv_cache_layout": "past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim]",
+    }
+
+
+def _gate(variant: str, report: dict[str, Any], opts: ExportOptions) -> None:
+    if not report.get("checked"):
+        return
+    if variant == "fp32":
+        if report["max_abs_logit_diff"] > opts.fp32_tolerance:
+            raise ExportError(
+                f"fp32 parity failed: max |logit diff| {report['max_abs_logit_diff']:.3g} vs "
+                f"PyTorch exceeds {opts.fp32_tolerance:g}; the export is wrong (check the "
+                "optimum/transformers versions against ../shared/notes/onnx-facts.md)."
+            )
+        report["gate"] = f"max_abs_logit_diff <= {opts.fp32_tolerance:g}: pass"
+        return
+    if opts.parity_threshold is None:
+        report["gate"] = (
+            "off: quantized variants are reported, not gated (--parity-threshold sets a max KL); "
+            "on random weights logit margins are tiny, so agreement there says little"
+        )
+        return
+    if report["max_kl"] > opts.parity_threshold:
+        raise ExportError(
+            f"{variant} parity failed: KL {report['max_kl']:.3g} exceeds --parity-threshold "
+            f"{opts.parity_threshold:g}; pick another variant or a smaller block size."
+        )
+    report["gate"] = f"max_kl <= {opts.parity_threshold:g}: pass"
+
+
+def _variant_parity(
+    variant: str, model_path: Path, refs: Sequence[Any], tokenizer: Any, eos: int
+) -> dict[str, Any]:
+    from export.parity import onnx_parity
+
+    try:
+        return onnx_parity(model_path, refs, tokenizer, eos)
+    except Exception as exc:
+        if variant != "fp16":
+            raise
+        # fp16 targets CUDA/TensorRT; this onnxruntime may lack CPU kernels for it.
+        return {
+            "checked": False,
+            "reason": f"not runnable on CPUExecutionProvider here ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); check it on a CUDA machine",
+        }
+
+
+def export_decoder(
+    ckpt: Checkpoint, opts: ExportOptions, progress: Progress
+) -> list[VariantResult]:
+    """Export `ckpt` into `opts.out/opts.name/<variant>/` for every requested variant."""
+    root = opts.out / opts.name
+    needed = check_disk(ckpt.config, opts)
+    progress.info(
+        f"{ckpt.source_id} -> {root} (variants {', '.join(opts.variants)}; about "
+        f"{human_size(needed)} of disk)"
+    )
+    results: list[VariantResult] = []
+    with scratch_dir(root, "base") as work:
+        with progress.step("load checkpoint + export fp32 graph (optimum)"):
+            fp32_model = export_fp32(ckpt.path, work)
+        refs: list[Any] = []
+        tokenizer: Any = None
+        eos = int(_decoder_facts(ckpt.config)["eos_token_id"] or -1)
+        if opts.parity:
+            from export.parity import encode_cases, torch_reference
+
+            with progress.step("parity reference (PyTorch fp32, routing prompts)"):
+                refs = torch_reference(ckpt.path)
+                tokenizer, _ = encode_cases(ckpt.path, [])
+            if "fp32" not in opts.variants:
+                with progress.step("parity fp32 base graph"):
+                    base = _variant_parity("fp32", fp32_model, refs, tokenizer, eos)
+                    _gate("fp32", base, opts)
+        for variant in opts.variants:
+            start = time.perf_counter()
+            with ArtifactBuilder(root / variant) as builder:
+                label = (
+                    "link" if variant == "fp32" else "quantize" if "int" in variant else "convert"
+                )
+                with progress.step(f"{variant}: {label}"):
+                    model_path = build_variant(variant, fp32_model, builder.tmp, opts.settings)
+                copy_checkpoint_files(ckpt.path, builder.tmp)
+                report: dict[str, Any] = {
+                    "checked": False,
+                    "reason": "parity disabled (--no-parity)",
+                }
+                if opts.parity:
+                    with progress.step(f"{variant}: parity"):
+                        report = _variant_parity(variant, model_path, refs, tokenizer, eos)
+                    _gate(variant, report, opts)
+                with progress.step(f"{variant}: hash + manifest"):
+                    builder.write_manifest(
+                        kind="decoder",
+                        name=opts.name,
+                        source={"id": ckpt.source_id, "revision": ckpt.revision},
+                        variant=variant,
+                        model_file=MODEL_FILE,
+                        quantization=opts.settings.for_variant(variant),
+                        parity=report,
+                        extra={**_decoder_facts(ckpt.config), "targets": TARGETS[variant]},
+                        **graph_facts(model_path),
+                    )
+            final = root / variant
+            results.append(
+                VariantResult(variant, final, _dir_size(final), report, time.perf_counter() - start)
+            )
+    default = pick_default(list_variants(root))
+    if default is not None:
+        set_default_variant(root, default)
+        progress.info(f"default variant of {root}: {default}")
+    return results

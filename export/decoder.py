@@ -1,0 +1,209 @@
+"""Qwen2 checkpoint -> ONNX decoder (text-generation-with-past) and its quantized variants."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+OPSET = 18
+# Files of the checkpoint copied into every variant (the server tokenizes with these).
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+VARIANTS = ("int4", "int8", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How each variant is derived from the fp32 graph (recorded in the manifest)."""
+
+    int4_block_size: int = 128
+    int8_block_size: int = 128
+    accuracy_level: int = 4
+    symmetric: bool = True
+
+    def for_variant(self, variant: str) -> dict[str, Any]:
+        if variant == "fp32":
+            return {"method": "none", "dtype": "float32"}
+        if variant == "fp16":
+            return {"method": "float16_cast", "dtype": "float16", "keep_io_types": True}
+        bits = 4 if variant == "int4" else 8
+        return {
+            "method": "MatMulNBits",
+            "weight_only": True,
+            "bits": bits,
+            "block_size": self.int4_block_size if bits == 4 else self.int8_block_size,
+            "accuracy_level": self.accuracy_level,
+            "symmetric": self.symmetric,
+            "op_types": ["MatMul"],
+            "row_independent": True,
+        }
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Silence torch.onnx tracer warnings; progress lines are ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("optimum").setLevel(logging.ERROR)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def export_fp32(checkpoint: Path, out_dir: Path) -> Path:
+    """Optimum export of the checkpoint (task text-generation-with-past, opset 18) into out_dir;
+    returns the .onnx path. Weights go to one external data file when over 2 GB."""
+    from optimum.exporters.onnx import main_export
+
+    raw = out_dir / "optimum"
+    with _quiet():
+        main_export(
+            str(checkpoint),
+            raw,
+            task="text-generation-with-past",
+            opset=OPSET,
+            do_validation=False,
+            local_files_only=True,
+        )
+    # Keep only the graph (+ its data); tokenizer files come from the checkpoint itself.
+    for name in (MODEL_FILE, "model.onnx_data"):
+        if (raw / name).exists():
+            os.replace(raw / name, out_dir / name)
+    shutil.rmtree(raw)
+    return out_dir / MODEL_FILE
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save with every weight in one external data file beside the graph."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
+def quantize_nbits(fp32_model: Path, out_path: Path, *, bits: int, settings: QuantSettings) -> None:
+    """Weight-only MatMulNBits. Activations stay float per row (quantized per block of a row at
+    accuracy_level 4), so a request's logits do not depend on what else shares the call."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    block = settings.int4_block_size if bits == 4 else settings.int8_block_size
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(fp32_model)),
+        bits=bits,
+        block_size=block,
+        is_symmetric=settings.symmetric,
+        accuracy_level=settings.accuracy_level,
+        op_types_to_quantize=("MatMul",),
+    )
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    quantizer.process()
+    save_model(quantizer.model.model, out_path)
+
+
+def convert_fp16(fp32_model: Path, out_path: Path) -> None:
+    """float16 weights and compute for CUDA/TensorRT; inputs and outputs stay float32 so every
+    variant has the same interface."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32_model))
+    with _quiet():
+        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    save_model(converted, out_path)
+
+
+def link_fp32(fp32_model: Path, out_path: Path) -> None:
+    """The fp32 variant is the base export itself: hard-link (or copy) the graph and its data."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for src in fp32_model.parent.iterdir():
+        if src.name.startswith(MODEL_FILE):
+            dst = out_path.parent / src.name
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+
+
+def build_variant(variant: str, fp32_model: Path, out_dir: Path, settings: QuantSettings) -> Path:
+    """Write `variant`'s graph into out_dir; returns its .onnx path."""
+    out_path = out_dir / MODEL_FILE
+    if variant == "fp32":
+        link_fp32(fp32_model, out_path)
+    elif variant == "fp16":
+        convert_fp16(fp32_model, out_path)
+    elif variant in ("int4", "int8"):
+        quantize_nbits(fp32_model, out_path, bits=4 if variant == "int4" else 8, settings=settings)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return out_path
+
+
+def copy_checkpoint_files(checkpoint: Path, out_dir: Path) -> list[str]:
+    copied = []
+    for name in CHECKPOINT_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def graph_facts(model_path: Path) -> dict[str, Any]:
+    """Opset, input/output names and dtypes of a graph, without loading its weights."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+    def dtype(value: onnx.ValueInfoProto) -> str:
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        return str(np_type)
+
+    return {
+        "opset": opset,
+        "inputs": [v.name for v in model.graph.input],
+        "outputs": [v.name for v in model.graph.output],
+        "io_dtypes": {v.name: dtype(v) for v in [*model.graph.input, *model.graph.output]},
+    }
+
+
+def estimate_variant_bytes(config: dict[str, Any], variant: str, settings: QuantSettings) -> int:
+    """Bytes a Qwen2 variant takes on disk. The tied embedding is stored twice (Gather stays
+    float32, lm_head MatMul is exported separately); MatMulNBits adds scales and zero points."""
+    hidden = int(config["hidden_size"])
+    vocab = int(config["vocab_size"])
+    inter = int(config["intermediate_size"])
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv_dim = int(config.get("num_key_value_heads", heads)) * (hidden // heads)
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * inter
+    matmul = layers * per_layer + vocab * hidden  # + lm_head
+    embed = vocab * hidden
+    if variant == "fp32":
+        return 4 * (matmul + embed)
+    if variant == "fp16":
+        return 2 * (matmul + embed)
+    bits = 4 if variant == "int4" else 8
+    block = settings.int4_block_size if bits == 4 else settings.int8_block_size
+    return int(4 * embed + matmul * (bits / 8 + 4.5 / block))

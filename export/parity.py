@@ -1,0 +1,213 @@
+"""Export-time parity: each ONNX variant against the PyTorch checkpoint on routing prompts.
+
+Per prompt: max |logit difference| and KL(torch || onnx) of the next-token distribution at the
+prefill and at one decode step (both fed the torch greedy token), and whether greedy decoding
+(16 tokens max, as reference callers do) yields the same tokens and the same route.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export.prompt import ROUTING_CASES, RoutingCase, chat_messages
+
+MAX_NEW_TOKENS = 16
+_ROUTE_RE = re.compile(r"\{.*?\}", re.S)
+
+
+@dataclass
+class Reference:
+    """Torch results for one prompt."""
+
+    input_ids: list[int]
+    prefill_logits: np.ndarray
+    decode_logits: np.ndarray
+    greedy: list[int]
+    route: str | None
+
+
+def parse_route(text: str) -> str | None:
+    """The route name in Arch-Router's `{"route": "..."}` answer, or None if there is none."""
+    match = _ROUTE_RE.search(text)
+    if not match:
+        return None
+    try:
+        value = json.loads(match.group(0))
+    except json.JSONDecodeError:
+        return None
+    route = value.get("route") if isinstance(value, dict) else None
+    return route if isinstance(route, str) else None
+
+
+def encode_cases(checkpoint: Path, cases: Sequence[RoutingCase]) -> tuple[Any, list[list[int]]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    encoded = [
+        list(
+            tokenizer.apply_chat_template(
+                chat_messages(case.routes, case.conversation),
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+        )
+        for case in cases
+    ]
+    return tokenizer, encoded
+
+
+def torch_reference(
+    checkpoint: Path, cases: Sequence[RoutingCase] = ROUTING_CASES
+) -> list[Reference]:
+    """Run the checkpoint in float32 PyTorch; the model is freed on return."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, encoded = encode_cases(checkpoint, cases)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.eval()
+    eos = model.config.eos_token_id
+    refs = []
+    with torch.inference_mode():
+        for ids in encoded:
+            out = model(torch.tensor([ids]), use_cache=True)
+            prefill = out.logits[0, -1].double().numpy()
+            past = out.past_key_values
+            token = int(prefill.argmax())
+            greedy = [token]
+            decode: np.ndarray | None = None
+            while len(greedy) < MAX_NEW_TOKENS and token != eos:
+                out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[0, -1].double().numpy()
+                if decode is None:
+                    decode = logits
+                token = int(logits.argmax())
+                greedy.append(token)
+            if decode is None:  # eos at once: still check one decode step
+                out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                decode = out.logits[0, -1].double().numpy()
+            text = tokenizer.decode(greedy, skip_special_tokens=True)
+            refs.append(Reference(ids, prefill, decode, greedy, parse_route(text)))
+    del model
+    return refs
+
+
+class DecoderSession:
+    """A thin runner over the exported graph's inputs (used by parity and tests)."""
+
+    def __init__(
+        self, model_path: Path, *, providers: Sequence[str] = ("CPUExecutionProvider",)
+    ) -> None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_path), options, providers=list(providers))
+        self.past_names = [
+            i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")
+        ]
+        first = next(i for i in self.session.get_inputs() if i.name in self.past_names)
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_dim)
+        return {name: np.zeros(shape, np.float32) for name in self.past_names}
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        past: dict[str, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Returns (logits [b, s, vocab], past for the next call)."""
+        feeds = {
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": position_ids.astype(np.int64),
+            **(past if past is not None else self.empty_past(input_ids.shape[0])),
+        }
+        outputs = self.session.run(self.output_names, feeds)
+        named = dict(zip(self.output_names, outputs, strict=True))
+        presents = {
+            name.replace("present.", "past_key_values.", 1): value
+            for name, value in named.items()
+            if name.startswith("present.")
+        }
+        return named["logits"], presents
+
+    def step(
+        self, ids: Sequence[int], past: dict[str, np.ndarray] | None, past_len: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One unpadded batch-1 call: `ids` after `past_len` cached tokens."""
+        n = len(ids)
+        logits, present = self.run(
+            np.array([ids]),
+            np.ones((1, past_len + n), np.int64),
+            np.arange(past_len, past_len + n)[None, :],
+            past,
+        )
+        return logits[0, -1].astype(np.float64), present
+
+
+def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    p_log = p_logits - np.logaddexp.reduce(p_logits)
+    q_log = q_logits - np.logaddexp.reduce(q_logits)
+    return float(np.sum(np.exp(p_log) * (p_log - q_log)))
+
+
+def onnx_parity(
+    model_path: Path,
+    refs: Sequence[Reference],
+    tokenizer: Any,
+    eos_token_id: int,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> dict[str, Any]:
+    """Compare one graph with the torch reference; JSON-ready report."""
+    session = DecoderSession(model_path, providers=providers)
+    cases = []
+    for ref in refs:
+        prefill, past = session.step(ref.input_ids, None, 0)
+        n = len(ref.input_ids)
+        decode, _ = session.step([ref.greedy[0]], past, n)
+        greedy = [int(prefill.argmax())]
+        logits, past_g = prefill, past
+        while len(greedy) < MAX_NEW_TOKENS and greedy[-1] != eos_token_id:
+            logits, past_g = session.step([greedy[-1]], past_g, n + len(greedy) - 1)
+            greedy.append(int(logits.argmax()))
+        route = parse_route(tokenizer.decode(greedy, skip_special_tokens=True))
+        cases.append(
+            {
+                "prompt_tokens": n,
+                "prefill_max_abs_diff": float(np.max(np.abs(prefill - ref.prefill_logits))),
+                "prefill_kl": _kl(ref.prefill_logits, prefill),
+                "decode_max_abs_diff": float(np.max(np.abs(decode - ref.decode_logits))),
+                "decode_kl": _kl(ref.decode_logits, decode),
+                "greedy_tokens_equal": greedy == ref.greedy,
+                "torch_route": ref.route,
+                "onnx_route": route,
+            }
+        )
+    return {
+        "checked": True,
+        "providers": list(providers),
+        "prompts": len(cases),
+        "max_abs_logit_diff": max(
+            max(c["prefill_max_abs_diff"], c["decode_max_abs_diff"]) for c in cases
+        ),
+        "max_kl": max(max(c["prefill_kl"], c["decode_kl"]) for c in cases),
+        "greedy_token_agreement": sum(c["greedy_tokens_equal"] for c in cases) / len(cases),
+        "greedy_route_agreement": sum(c["torch_route"] == c["onnx_route"] for c in cases)
+        / len(cases),
+        "routes_parsed": sum(c["torch_route"] is not None for c in cases),
+        "cases": cases,
+    }
