@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import grpc
 import structlog
@@ -34,6 +34,7 @@ from grpc_router.types import RouteOutcome, RouteRequest
 
 __all__ = [
     "SERVICE_NAME",
+    "ConfiguredRouter",
     "ExtProcServicer",
     "ExtProcSettings",
     "RouterLike",
@@ -95,6 +96,9 @@ class ExtProcSettings(BaseModel):
     """Give up on the router after this; keep it below Envoy's `message_timeout`."""
     openai_paths: tuple[str, ...] = ("/v1/chat/completions",)
     anthropic_paths: tuple[str, ...] = ("/v1/messages",)
+    strip_client_headers: bool = True
+    """Remove the router's headers when a client sent them itself, so that a caller cannot
+    pick the upstream by setting `x-router-model` (the only change made to a pass-through)."""
     skip_unused_phases: bool = True
     """Ask Envoy (mode_override; needs `allow_mode_override: true`) not to send the body or the
     response phases of a request that will pass through."""
@@ -121,6 +125,25 @@ class RouterLike(Protocol):
     async def route(
         self, request: RouteRequest, *, timeout_s: float | None = None
     ) -> RouteOutcome: ...
+
+
+class _ModelEntry(Protocol):
+    @property
+    def model(self) -> str: ...
+
+
+class _RouterConfig(Protocol):
+    @property
+    def models(self) -> Mapping[str, _ModelEntry]: ...
+
+
+@runtime_checkable
+class ConfiguredRouter(RouterLike, Protocol):
+    """A router that also exposes its config (grpc_router.core.Router does): the body rewrite
+    then writes the model's upstream name (`models.<key>.model`) instead of its key."""
+
+    @property
+    def config(self) -> _RouterConfig: ...
 
 
 # Router fallbacks that mean the engine failed (not that it chose the default route).
@@ -190,9 +213,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     def __init__(self, router: RouterLike, settings: ExtProcSettings) -> None:
         self._router = router
-        self._settings = settings
+        self._settings = s = settings
         self._paths: dict[str, ChatDialect] = {p: ChatDialect.OPENAI for p in settings.openai_paths}
         self._paths.update({p: ChatDialect.ANTHROPIC for p in settings.anthropic_paths})
+        names = (s.route_header, s.model_header, s.confidence_header, s.fallback_header)
+        self._router_headers = names if s.strip_client_headers else ()
 
     async def Process(
         self,
@@ -229,6 +254,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         values: dict[str, str] = {}
         for header in headers.headers.headers:
             values.setdefault(header.key.lower(), _header_value(header))
+        spoofed = [h for h in self._router_headers if h in values]
         stream.path = values.get(":path", "").split("?", 1)[0]
         stream.request_id = values.get("x-request-id", "")
         dialect = self._paths.get(stream.path)
@@ -237,9 +263,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             response = self._pass_through(stream, reason, "request_headers")
             if self._settings.skip_unused_phases:
                 response.mode_override.CopyFrom(_SKIP_REST)
-            return response
-        stream.dialect = dialect
-        return _continue("request_headers")
+        else:
+            stream.dialect = dialect
+            response = _continue("request_headers")
+        if spoofed:
+            common = response.request_headers.response
+            common.header_mutation.remove_headers.extend(spoofed)
+            common.clear_route_cache = True  # the route was matched on the spoofed headers
+            log.info("extproc.stripped_client_headers", headers=spoofed, path=stream.path)
+        return response
 
     def _headers_pass_reason(
         self, dialect: ChatDialect | None, values: Mapping[str, str], *, end_of_stream: bool
@@ -391,13 +423,21 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if outcome.fallback_used:
             headers.append((s.fallback_header, outcome.fallback_reason or "true"))
         common = pb.CommonResponse(clear_route_cache=True)
-        if s.rewrite_model and document.get("model") != outcome.model:
-            document["model"] = outcome.model
+        upstream = self._upstream_name(outcome.model)
+        if s.rewrite_model and document.get("model") != upstream:
+            document["model"] = upstream
             new_body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
             common.body_mutation.body = new_body
             headers.append(("content-length", str(len(new_body))))
         common.header_mutation.CopyFrom(_set_headers(headers))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def _upstream_name(self, model_key: str) -> str:
+        if isinstance(self._router, ConfiguredRouter):
+            entry = self._router.config.models.get(model_key)
+            if entry is not None:
+                return entry.model
+        return model_key
 
 
 def register_ext_proc(

@@ -1,0 +1,282 @@
+"""The deploy/ examples, validated without Envoy, Istio or a cluster (see deploy/README.md).
+
+- envoy.yaml and the EnvoyFilter's patches: parsed into Envoy's own protos from xds-protos (unknown
+  fields and unresolvable `@type`s fail), then checked against the PGV rules Envoy's protos carry.
+- Kubernetes core objects: kubernetes-validate, strict (unknown fields fail), against 1.37.
+- Istio objects: cloudcoil's pydantic models of Istio's CRDs; a round trip must give back the
+  document unchanged, so a misspelt or misplaced key (which pydantic would drop) fails.
+- The router config inside the ConfigMap: the router's own config loader.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cloudcoil.models.istio.networking import v1 as istio_v1
+from cloudcoil.models.istio.networking import v1alpha3 as istio_v1alpha3
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import json_format
+
+from grpc_router.config import AppConfig, parse_config
+from grpc_router.extproc import SERVICE_NAME
+from tests.mesh.envoy_schema import parse, parse_yaml, rule_violations, typed_configs
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ENVOY_YAML = DEPLOY / "envoy" / "envoy.yaml"
+K8S = DEPLOY / "kubernetes"
+K8S_VERSION = "1.37.0"
+ISTIO_KINDS: dict[tuple[str, str], Any] = {
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"): istio_v1alpha3.EnvoyFilter,
+    ("networking.istio.io/v1", "VirtualService"): istio_v1.VirtualService,
+    ("networking.istio.io/v1", "ServiceEntry"): istio_v1.ServiceEntry,
+    ("networking.istio.io/v1", "DestinationRule"): istio_v1.DestinationRule,
+}
+
+
+def _documents() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs.extend((path.name, d) for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def _find(kind: str, name: str) -> dict[str, Any]:
+    for _, doc in _documents():
+        if doc["kind"] == kind and doc["metadata"]["name"] == name:
+            return doc
+    raise AssertionError(f"no {kind} {name} in {K8S}")
+
+
+@pytest.fixture(scope="module")
+def router_config() -> AppConfig:
+    text = _find("ConfigMap", "grpc-router-config")["data"]["config.yaml"]
+    return parse_config(yaml.safe_load(text), K8S / "configmap.yaml")
+
+
+@pytest.fixture(scope="module")
+def bootstrap() -> bootstrap_pb2.Bootstrap:
+    return parse_yaml(ENVOY_YAML, bootstrap_pb2.Bootstrap())
+
+
+def _hcm(bootstrap: bootstrap_pb2.Bootstrap) -> hcm_pb2.HttpConnectionManager:
+    hcm = hcm_pb2.HttpConnectionManager()
+    [listener] = bootstrap.static_resources.listeners
+    assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    return hcm
+
+
+def _ext_proc(filters: Any) -> ext_proc_pb2.ExternalProcessor:
+    config = ext_proc_pb2.ExternalProcessor()
+    [ext_proc] = [f for f in filters if f.name == "envoy.filters.http.ext_proc"]
+    assert ext_proc.typed_config.Unpack(config)
+    return config
+
+
+# -- envoy.yaml ---------------------------------------------------------------------------------
+
+
+def test_envoy_yaml_is_a_valid_bootstrap(bootstrap: bootstrap_pb2.Bootstrap) -> None:
+    assert rule_violations(bootstrap) == []
+    assert set(typed_configs(bootstrap)) >= {
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "envoy.extensions.filters.http.router.v3.Router",
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+    }
+
+
+def test_the_validator_catches_what_envoy_would_reject() -> None:
+    good = yaml.safe_load(ENVOY_YAML.read_text())
+
+    unknown = copy.deepcopy(good)
+    unknown["static_resources"]["clusters"][0]["conect_timeout"] = "1s"
+    with pytest.raises(json_format.ParseError, match="conect_timeout"):
+        parse(unknown, bootstrap_pb2.Bootstrap())
+
+    hcm = copy.deepcopy(good)
+    filters = hcm["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+    filters[0]["typed_config"]["http_filters"][0]["typed_config"]["processing_mode"][
+        "request_body_mode"
+    ] = "BUFERED"
+    with pytest.raises(json_format.ParseError, match="BUFERED"):
+        parse(hcm, bootstrap_pb2.Bootstrap())
+
+    bad_type = copy.deepcopy(good)
+    http_filters = bad_type["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["http_filters"]
+    http_filters[0]["typed_config"]["@type"] = "type.googleapis.com/envoy.nope.v3.ExtProc"
+    with pytest.raises(json_format.ParseError, match=r"envoy\.nope"):
+        parse(bad_type, bootstrap_pb2.Bootstrap())
+
+    rules = copy.deepcopy(good)
+    rules["static_resources"]["clusters"][0]["connect_timeout"] = "0s"
+    rules["static_resources"]["clusters"][0]["http2_protocol_options"] = {}
+    del rules["static_resources"]["clusters"][1]["name"]
+    http_filters = rules["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]["http_filters"]
+    http_filters[0]["typed_config"]["grpc_service"] = {}
+    problems = "\n".join(rule_violations(parse(rules, bootstrap_pb2.Bootstrap())))
+    assert "clusters[0].connect_timeout: 0.0 must be gt" in problems
+    assert "clusters[0].http2_protocol_options: deprecated field" in problems
+    assert "clusters[1].name: must be at least 1" in problems
+    assert "grpc_service: one of ['envoy_grpc', 'google_grpc'] is required" in problems
+
+
+def test_envoy_yaml_wires_ext_proc_to_the_router(
+    bootstrap: bootstrap_pb2.Bootstrap, router_config: AppConfig
+) -> None:
+    hcm = _hcm(bootstrap)
+    names = [f.name for f in hcm.http_filters]
+    assert names.index("envoy.filters.http.ext_proc") < names.index("envoy.filters.http.router")
+    assert names[-1] == "envoy.filters.http.router"
+    ext_proc = _ext_proc(hcm.http_filters)
+    mode = ext_proc.processing_mode
+    assert mode.request_body_mode == processing_mode_pb2.ProcessingMode.BUFFERED
+    assert mode.request_header_mode == processing_mode_pb2.ProcessingMode.SEND
+    assert ext_proc.allow_mode_override
+    # Envoy must wait longer than the router takes to give up, so the router's failure mode
+    # (not Envoy's timeout) decides.
+    assert ext_proc.message_timeout.ToTimedelta().total_seconds() > (
+        router_config.ext_proc.route_timeout_s
+    )
+    clusters = {c.name: c for c in bootstrap.static_resources.clusters}
+    router_cluster = clusters[ext_proc.grpc_service.envoy_grpc.cluster_name]
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    [options_any] = router_cluster.typed_extension_protocol_options.values()
+    assert options_any.Unpack(options)
+    assert options.explicit_http_config.HasField("http2_protocol_options")  # gRPC needs HTTP/2
+    assert router_cluster.health_checks[0].HasField("grpc_health_check")
+    assert (
+        router_cluster.load_assignment.endpoints[0]
+        .lb_endpoints[0]
+        .endpoint.address.socket_address.port_value
+        == router_config.server.port
+    )
+
+
+def test_envoy_routes_pick_clusters_by_the_routers_model_keys(
+    bootstrap: bootstrap_pb2.Bootstrap, router_config: AppConfig
+) -> None:
+    hcm = _hcm(bootstrap)
+    clusters = {c.name for c in bootstrap.static_resources.clusters}
+    routed: set[str] = set()
+    for route in hcm.route_config.virtual_hosts[0].routes:
+        assert route.route.cluster in clusters
+        for header in route.match.headers:
+            assert header.name == router_config.ext_proc.model_header
+            routed.add(header.string_match.exact)
+    assert routed, "no route matches on the model header"
+    assert routed <= set(router_config.models)
+    # The last route catches the default model and every pass-through.
+    assert not hcm.route_config.virtual_hosts[0].routes[-1].match.headers
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------
+
+
+def test_kubernetes_objects_validate_strictly() -> None:
+    checked = []
+    for name, doc in _documents():
+        if (doc["apiVersion"], doc["kind"]) in ISTIO_KINDS:
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked.append(f"{name}:{doc['kind']}")
+    assert len(checked) >= 4, checked
+
+    deployment = copy.deepcopy(_find("Deployment", "chat-app"))
+    deployment["spec"]["template"]["spec"]["initContainers"][0]["livenesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError, match="livenesProbe"):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_configmap_holds_a_valid_router_config(router_config: AppConfig) -> None:
+    assert router_config.ext_proc.enabled
+    # kubelet's gRPC probes reach the pod IP, not loopback.
+    assert router_config.server.host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("name", ["chat-app", "grpc-router-gpu"])
+def test_router_containers_have_grpc_probes_and_resources(
+    name: str, router_config: AppConfig
+) -> None:
+    spec = _find("Deployment", name)["spec"]["template"]["spec"]
+    [router] = [
+        c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "grpc-router"
+    ]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert router[probe]["grpc"]["port"] == router_config.server.port, probe
+    assert router["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    requests = router["resources"]["requests"]
+    assert {"cpu", "memory"} <= set(requests)
+    if name == "grpc-router-gpu":
+        assert requests["nvidia.com/gpu"] == "1"
+    else:
+        assert router["restartPolicy"] == "Always"  # a native sidecar
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "grpc-router-config"
+
+
+# -- Istio --------------------------------------------------------------------------------------
+
+
+def _istio_round_trip(doc: dict[str, Any]) -> dict[str, Any]:
+    model = ISTIO_KINDS[(doc["apiVersion"], doc["kind"])].model_validate(doc)
+    dumped: dict[str, Any] = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    return dumped
+
+
+def test_istio_objects_match_istio_schemas() -> None:
+    istio = [(n, d) for n, d in _documents() if (d["apiVersion"], d["kind"]) in ISTIO_KINDS]
+    assert {d["kind"] for _, d in istio} >= {"EnvoyFilter", "VirtualService"}
+    for name, doc in istio:
+        assert _istio_round_trip(doc) == doc, name
+
+    misspelt = copy.deepcopy(_find("EnvoyFilter", "grpc-router-ext-proc"))
+    misspelt["spec"]["workloadSelecter"] = misspelt["spec"].pop("workloadSelector")
+    assert _istio_round_trip(misspelt) != misspelt
+    bad_enum = copy.deepcopy(misspelt)
+    bad_enum["spec"]["configPatches"][1]["patch"]["operation"] = "INSERT_BEFOR"
+    with pytest.raises(ValueError, match="INSERT_BEFOR"):
+        _istio_round_trip(bad_enum)
+
+
+def test_envoyfilter_patches_are_valid_envoy_config(bootstrap: bootstrap_pb2.Bootstrap) -> None:
+    patches = _find("EnvoyFilter", "grpc-router-ext-proc")["spec"]["configPatches"]
+    by_target = {p["applyTo"]: p["patch"]["value"] for p in patches}
+    cluster = parse(by_target["CLUSTER"], cluster_pb2.Cluster())
+    http_filter = parse(by_target["HTTP_FILTER"], hcm_pb2.HttpFilter())
+    assert rule_violations(cluster) == []
+    assert rule_violations(http_filter) == []
+    ext_proc = _ext_proc([http_filter])
+    assert ext_proc.grpc_service.envoy_grpc.cluster_name == cluster.name
+    # Same processing contract as the plain-Envoy example.
+    plain = _ext_proc(_hcm(bootstrap).http_filters)
+    assert ext_proc.processing_mode == plain.processing_mode
+    assert ext_proc.message_timeout == plain.message_timeout
+
+
+def test_virtualservice_routes_on_the_routers_model_keys(router_config: AppConfig) -> None:
+    service = _find("VirtualService", "llm-by-router")
+    keys = set()
+    for route in service["spec"]["http"]:
+        for match in route.get("match", []):
+            for header, rule in match["headers"].items():
+                assert header == router_config.ext_proc.model_header
+                keys.add(rule["exact"])
+    assert keys and keys <= set(router_config.models)
+    assert "match" not in service["spec"]["http"][-1]  # the default catches pass-throughs
