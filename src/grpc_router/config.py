@@ -160,19 +160,13 @@ class AppConfig(_Strict):
         return tuple(r.spec() for r in self.routes)
 
     def model_chain(self, route: str) -> list[str]:
-        """Models to try for `route`, in order: its own, then the default route's, then the
-        default model; without repeats."""
-        chain: list[str] = []
-        for name in (route, self.default_route):
-            cfg = self.route(name)
-            if cfg is not None:
-                chain.extend(m for m in cfg.models if m not in chain)
+        """Models to try for `route`, in order: its own (none for a route the config does not
+        know), then the default model."""
+        cfg = self.route(route)
+        chain = list(cfg.models) if cfg is not None else []
         if self.default_model not in chain:
             chain.append(self.default_model)
         return chain
-
-    def preferred_model(self, route: str) -> str:
-        return self.model_chain(route)[0]
 
 
 def _cross_ref_problems(data: dict[str, Any]) -> list[str]:

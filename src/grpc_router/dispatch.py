@@ -221,6 +221,7 @@ class Dispatcher:
             t0 = time.perf_counter()
             started = False
             finish = ""
+            done = False
             usage = Usage()
             try:
                 request, _ = self._request(key, model, body)
@@ -231,6 +232,7 @@ class Dispatcher:
                     _raise_for_status(key, response)
                     async for data in _sse_data(response):
                         if data == "[DONE]":
+                            done = True
                             break
                         event = json.loads(data)
                         if event.get("usage"):
@@ -242,6 +244,8 @@ class Dispatcher:
                                 yield StreamDelta(text)
                             if choice.get("finish_reason"):
                                 finish = str(choice["finish_reason"])
+                    if not (done or finish):
+                        raise httpx.RemoteProtocolError("stream ended before it finished")
                 finally:
                     await response.aclose()
             except _Failure as f:
