@@ -1,9 +1,11 @@
 """Constrained decoding over a route-name trie, and per-route probabilities.
 
-Rows of a batch share one layout, so a row's numbers never depend on its neighbours:
-`[its past | padding | its new tokens | padding]`, with the padding masked. Rows in one run
-always have the same past length (the engine groups requests by it); padding only ever comes
-after real tokens, which keeps each row bit-identical to running it alone (tested).
+A decision must not depend on its batch neighbours, on padding or on the prefix cache. Measured
+on onnxruntime's CPU kernels: padding *before* a row's tokens (left padding, or a gap between
+its past and its new tokens) changes the last bits of its logits, and so do quantized MatMul
+tiles that straddle two rows. So only the prefill is batched across requests, over one shared
+past length, with every row right-padded to a multiple of ALIGN; the trie runs after it use one
+request's rows only (tests prove the property per variant).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from grpc_router.errors import InvalidArgument
 from grpc_router.runtime import DecoderSession, FloatArray, Int64Array
 
 PAD_ID = 0
+# Prefill widths and the cached prefix length are multiples of this. Quantized MatMul kernels
+# tile the flattened [batch*seq] rows; aligning every row's start keeps its numbers independent
+# of its batch neighbours (measured: unaligned rows differ in the last bits for int4/int8).
+ALIGN = 16
 
 
 @dataclass(slots=True)
@@ -88,6 +94,10 @@ class Rows:
     def batch(self) -> int:
         return int(self.mask.shape[0])
 
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
     def take(self, index: Sequence[int]) -> Rows:
         idx = np.asarray(index, dtype=np.int64)
         return Rows(
@@ -96,12 +106,32 @@ class Rows:
             np.take(self.next_pos, idx, axis=0),
         )
 
+    def row(self, i: int, length: int) -> Rows:
+        """Row i alone, cut to its first `length` positions (dropping trailing padding)."""
+        return Rows(
+            [p[i : i + 1, :, :length] for p in self.past],
+            self.mask[i : i + 1, :length],
+            self.next_pos[i : i + 1],
+        )
+
+    @staticmethod
+    def stack(rows: Sequence[Rows]) -> Rows:
+        """Concatenate rows of equal length along the batch axis."""
+        if len(rows) == 1:
+            return rows[0]
+        return Rows(
+            [np.concatenate(layer, axis=0) for layer in zip(*(r.past for r in rows), strict=True)],
+            np.concatenate([r.mask for r in rows], axis=0),
+            np.concatenate([r.next_pos for r in rows], axis=0),
+        )
+
 
 def extend(
-    session: DecoderSession, rows: Rows, tokens: Sequence[Sequence[int]]
+    session: DecoderSession, rows: Rows, tokens: Sequence[Sequence[int]], *, align: int = 1
 ) -> tuple[list[FloatArray], Rows]:
-    """Feed each row its tokens (right-padded) in one run; return each row's logits."""
-    width = max(len(t) for t in tokens)
+    """Feed each row its tokens (right-padded to a multiple of `align`) in one run; return
+    each row's logits."""
+    width = -(-max(len(t) for t in tokens) // align) * align
     ids = np.full((rows.batch, width), PAD_ID, dtype=np.int64)
     new_mask = np.zeros((rows.batch, width), dtype=np.int64)
     for i, t in enumerate(tokens):
@@ -135,95 +165,74 @@ class Outcome:
     route: str
     confidence: float
     scores: dict[str, float]
-    steps: int
-    """Model runs after the prompt that this request took part in."""
 
 
 def score_all(
-    session: DecoderSession, trie: Trie, prompt_rows: Rows, root_logits: list[FloatArray]
-) -> tuple[list[Outcome], int]:
-    """Greedy route plus normalised P(route) for every name, for each request of a batch.
+    session: DecoderSession, trie: Trie, prompt: Rows, root_logits: FloatArray
+) -> tuple[Outcome, int]:
+    """Greedy route plus normalised P(route) for every answer name.
 
-    All requests share `trie`. One run covers every trie node of every request."""
+    One run covers every trie node: each row is one scoring sequence after the prompt's KV,
+    right-padded. The run holds only this prompt's rows, so its layout (and its numbers) never
+    depends on other requests. Returns the outcome and the number of model runs."""
     seqs = trie.scoring_rows()
-    n_req = prompt_rows.batch
-    node_logits: list[dict[int, FloatArray]] = [{0: root_logits[i]} for i in range(n_req)]
-    runs = 0
-    if seqs:
-        index = [i for i in range(n_req) for _ in seqs]
-        logits, _ = extend(
-            session, prompt_rows.take(index), [s for _ in range(n_req) for s in seqs]
-        )
-        runs = 1
-        for r, out in enumerate(logits):
-            i, seq = index[r], seqs[r % len(seqs)]
-            at = 0
-            for d, tok in enumerate(seq):
-                at = trie.descend(at, tok)
-                node_logits[i].setdefault(at, out[d])
-    outcomes = []
-    for i in range(n_req):
-        logp: dict[str, float] = {}
-        cache: dict[int, dict[int, float]] = {}
-        for name, path in trie.paths.items():
-            at, total = 0, 0.0
-            for tok in path:
-                if at not in cache:
-                    cache[at] = log_softmax_at(node_logits[i][at], list(trie.nodes[at].children))
-                total += cache[at][tok]
-                at = trie.descend(at, tok)
-            logp[name] = total
-        top = max(logp.values())
-        weights = {n: math.exp(v - top) for n, v in logp.items()}
-        norm = sum(weights.values())
-        scores = {n: w / norm for n, w in weights.items()}
+    node_logits: dict[int, FloatArray] = {0: root_logits}
+    if not seqs:
+        return _normalise(trie, node_logits), 0
+    logits, _ = extend(session, prompt.take([0] * len(seqs)), seqs)
+    for seq, out in zip(seqs, logits, strict=True):
         at = 0
-        while not trie.unique(at):
-            at = trie.descend(at, best_child(trie, at, node_logits[i][at]))
-        route = trie.nodes[at].routes[0]
-        outcomes.append(Outcome(route, scores[route], scores, runs))
-    return outcomes, runs
+        for d, tok in enumerate(seq):
+            at = trie.descend(at, tok)
+            node_logits.setdefault(at, out[d])
+    return _normalise(trie, node_logits), 1
+
+
+def _normalise(trie: Trie, node_logits: dict[int, FloatArray]) -> Outcome:
+    logp: dict[str, float] = {}
+    cache: dict[int, dict[int, float]] = {}
+    for name, path in trie.paths.items():
+        at, total = 0, 0.0
+        for tok in path:
+            if at not in cache:
+                cache[at] = log_softmax_at(node_logits[at], list(trie.nodes[at].children))
+            total += cache[at][tok]
+            at = trie.descend(at, tok)
+        logp[name] = total
+    top = max(logp.values())
+    weights = {n: math.exp(v - top) for n, v in logp.items()}
+    norm = sum(weights.values())
+    scores = {n: w / norm for n, w in weights.items()}
+    at = 0
+    while not trie.unique(at):
+        at = trie.descend(at, best_child(trie, at, node_logits[at]))
+    route = trie.nodes[at].routes[0]
+    return Outcome(route, scores[route], scores)
 
 
 def greedy(
-    session: DecoderSession, trie: Trie, prompt_rows: Rows, root_logits: list[FloatArray]
-) -> tuple[list[Outcome], int]:
+    session: DecoderSession, trie: Trie, prompt: Rows, root_logits: FloatArray
+) -> tuple[Outcome, int]:
     """Constrained greedy decode, stopping as soon as the route is unique.
 
-    Runs the model only at branching nodes; single-child chains are fed in one run. Confidence
-    is the product of the chosen tokens' full-vocabulary probabilities up to that point."""
-    n_req = prompt_rows.batch
-    at = [0] * n_req
-    logp = [0.0] * n_req
-    logits = list(root_logits)
-    rows = prompt_rows
-    live = list(range(n_req))  # request index of each row in `rows`
-    runs = 0
+    Runs the model only at branching nodes; a single-child chain is fed in one run.
+    Confidence is the product of the chosen tokens' full-vocabulary probabilities at those
+    branching nodes (the probability of the decoded path up to uniqueness)."""
+    at, logp, logits, rows, runs = 0, 0.0, root_logits, prompt, 0
     while True:
-        pending: list[tuple[int, list[int]]] = []
-        for r, i in enumerate(live):
-            fed: list[int] = []
-            tok = best_child(trie, at[i], logits[i])
-            logp[i] += log_softmax_at(logits[i], [tok])[tok]
-            at[i] = trie.descend(at[i], tok)
-            fed.append(tok)
-            while not trie.unique(at[i]) and len(trie.nodes[at[i]].children) == 1:
-                only = next(iter(trie.nodes[at[i]].children))
-                at[i] = trie.descend(at[i], only)
-                fed.append(only)
-            if not trie.unique(at[i]):
-                pending.append((r, fed))
-        if not pending:
-            break
-        rows = rows.take([r for r, _ in pending])
-        live = [live[r] for r, _ in pending]
-        out, rows = extend(session, rows, [fed for _, fed in pending])
+        tok = best_child(trie, at, logits)
+        logp += log_softmax_at(logits, [tok])[tok]
+        at = trie.descend(at, tok)
+        fed = [tok]
+        while not trie.unique(at) and len(trie.nodes[at].children) == 1:
+            only = next(iter(trie.nodes[at].children))
+            at = trie.descend(at, only)
+            fed.append(only)
+        if trie.unique(at):
+            return Outcome(trie.nodes[at].routes[0], math.exp(logp), {}), runs
+        out, rows = extend(session, rows, [fed])
+        logits = out[0][-1]
         runs += 1
-        for (_, _fed), i, lg in zip(pending, live, out, strict=True):
-            logits[i] = lg[-1]
-    return [
-        Outcome(trie.nodes[at[i]].routes[0], math.exp(logp[i]), {}, runs) for i in range(n_req)
-    ], runs
 
 
 def prompt_rows(
@@ -231,13 +240,16 @@ def prompt_rows(
     past: list[npt.NDArray[Any]],
     past_len: int,
     suffixes: Sequence[Sequence[int]],
-) -> tuple[list[FloatArray], Rows]:
-    """Prefill the suffixes after a shared-length past; returns each row's last logits."""
+) -> tuple[list[FloatArray], list[Rows]]:
+    """Prefill the suffixes after a shared-length past in one run (right-padded); returns each
+    prompt's last logits and its KV state cut to its own length."""
     batch = len(suffixes)
     start = Rows(
         past,
         np.ones((batch, past_len), dtype=np.int64),
         np.full((batch,), past_len, dtype=np.int64),
     )
-    logits, rows = extend(session, start, suffixes)
-    return [lg[-1] for lg in logits], rows
+    logits, rows = extend(session, start, suffixes, align=ALIGN)
+    return [lg[-1] for lg in logits], [
+        rows.row(i, past_len + len(s)) for i, s in enumerate(suffixes)
+    ]

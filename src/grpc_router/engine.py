@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from grpc_router.artifact import load_artifact, manifest_summary, resolve_variant_dir
 from grpc_router.batcher import Batcher, Job
-from grpc_router.decoder import Outcome, Trie, greedy, prompt_rows, score_all
+from grpc_router.decoder import ALIGN, Outcome, Trie, greedy, prompt_rows, score_all
 from grpc_router.errors import EngineUnavailable, RouterError
 from grpc_router.kvcache import PrefixCache, PrefixKV, stack_past
 from grpc_router.prompt import Prompt, PromptBuilder, answer_names
@@ -106,6 +106,7 @@ class _Prepared:
     full_scores: bool
     past_len: int = 0
     cached_tokens: int = 0
+    steps: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -267,23 +268,25 @@ class ArchRouterEngine:
         assert session is not None
         prefix = group[0].prompt.prefix
         usable = self._cache.max_bytes > 0 and all(p.prompt.prefix_len > 0 for p in group)
-        if not usable or not prefix.ids:
+        # A multiple of ALIGN, so the suffix rows tile the same as in a full prefill.
+        ids = prefix.ids[: len(prefix.ids) // ALIGN * ALIGN]
+        if not usable or not ids:
             return session.empty_past(len(group)), 0
-        entry = self._cache.get(prefix.key, prefix.ids)
+        entry = self._cache.get(prefix.key, ids)
         hit = entry is not None
         if entry is None:
-            n = len(prefix.ids)
+            n = len(ids)
             out = session.run(
-                np.asarray([prefix.ids], dtype=np.int64),
+                np.asarray([ids], dtype=np.int64),
                 np.ones((1, n), dtype=np.int64),
                 np.arange(n, dtype=np.int64)[None, :],
                 session.empty_past(1),
             )
-            entry = PrefixKV(prefix.ids, out.present)
+            entry = PrefixKV(ids, out.present)
             self._cache.put(prefix.key, entry)
         for p in group:
-            p.cached_tokens = len(prefix.ids) if hit else 0
-        return stack_past([entry.past] * len(group)), len(prefix.ids)
+            p.cached_tokens = len(ids) if hit else 0
+        return stack_past([entry.past] * len(group)), len(ids)
 
     def _run_group(self, group: list[_Prepared]) -> list[Outcome]:
         session = self._session
@@ -291,21 +294,14 @@ class ArchRouterEngine:
         t0 = time.perf_counter()
         past, past_len = self._prefix_past(group)
         root, rows = prompt_rows(session, past, past_len, [p.prompt.ids[past_len:] for p in group])
-        t1 = time.perf_counter()
+        prefill_ms = (time.perf_counter() - t0) * 1e3
         outcomes: list[Outcome | None] = [None] * len(group)
         trie = group[0].trie
-        for wanted, phase in ((True, "score"), (False, "decode")):
-            idx = [i for i, p in enumerate(group) if p.full_scores is wanted]
-            if not idx:
-                continue
-            fn = score_all if wanted else greedy
+        for i, p in enumerate(group):
             t = time.perf_counter()
-            outs, _ = fn(session, trie, rows.take(idx), [root[i] for i in idx])
-            ms = (time.perf_counter() - t) * 1e3
-            for i, out in zip(idx, outs, strict=True):
-                outcomes[i] = out
-                group[i].timings[phase] = ms
-        prefill_ms = (t1 - t0) * 1e3
+            fn = score_all if p.full_scores else greedy
+            outcomes[i], p.steps = fn(session, trie, rows[i], root[i])
+            p.timings["score" if p.full_scores else "decode"] = (time.perf_counter() - t) * 1e3
         for p in group:
             p.timings["prefill"] = prefill_ms
         return [o for o in outcomes if o is not None]
