@@ -51,8 +51,11 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
 class _Call:
     """Bookkeeping of one call: context, timing, status, summary line."""
 
-    def __init__(self, method: str, metadata: Any) -> None:
+    def __init__(
+        self, method: str, metadata: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         self.method = method
+        self.context = context
         self.quiet = method.startswith(_QUIET_PREFIXES)
         rid = ""
         for key, value in metadata or ():
@@ -63,6 +66,20 @@ class _Call:
         self.code = grpc.StatusCode.OK
         self.error = ""
         metrics.IN_FLIGHT.labels(method).inc()
+
+    async def __aenter__(self) -> _Call:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, error: BaseException | None, tb: object
+    ) -> bool:
+        cancelled = isinstance(error, asyncio.CancelledError | GeneratorExit)
+        try:
+            if error is not None and not cancelled and not isinstance(error, grpc.aio.AbortError):
+                await self.fail(error, self.context)  # raises AbortError
+        finally:
+            self.finish(self.context, cancelled)
+        return False
 
     async def fail(self, error: BaseException, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.code, self.error = status_for(error)
@@ -97,19 +114,8 @@ def _unary_response(
     behavior: Callable[[Any, Any], Awaitable[Any]], method: str, metadata: Any
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, metadata)
-        cancelled = False
-        try:
+        async with _Call(method, metadata, context):
             return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except BaseException as e:
-            if _is_cancel(e):
-                cancelled = True
-                raise
-            await call.fail(e, context)
-        finally:
-            call.finish(context, cancelled)
 
     return wrapper
 
@@ -118,30 +124,15 @@ def _stream_response(
     behavior: Callable[[Any, Any], AsyncIterator[Any]], method: str, metadata: Any
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, metadata)
-        cancelled = False
-        try:
+        async with _Call(method, metadata, context):
             result = behavior(request, context)
             if inspect.isawaitable(result):  # handlers that use context.write()
                 await result
             else:
                 async for item in result:
                     yield item
-        except grpc.aio.AbortError:
-            raise
-        except BaseException as e:
-            if _is_cancel(e):
-                cancelled = True
-                raise
-            await call.fail(e, context)
-        finally:
-            call.finish(context, cancelled)
 
     return wrapper
-
-
-def _is_cancel(e: BaseException) -> bool:
-    return isinstance(e, asyncio.CancelledError | GeneratorExit)
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
