@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -79,7 +80,9 @@ def test_unreadable_and_malformed_config(tmp_path: Path) -> None:
 def test_sigterm_drains_in_flight_calls(
     tmp_path: Path, upstream: FakeUpstream, arch_engine: dict[str, Any]
 ) -> None:
-    cfg = make_config(upstream.base_url, arch_engine, chain=["slow"], server={"grace_s": 20})
+    # 6 dispatches + 1 health watch fill the server: the next call is refused.
+    server_cfg = {"grace_s": 20, "max_concurrent_rpcs": 7}
+    cfg = make_config(upstream.base_url, arch_engine, chain=["slow"], server=server_cfg)
     server = start_server(tmp_path, cfg)
     health = health_pb2_grpc.HealthStub(server.channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
@@ -104,6 +107,9 @@ def test_sigterm_drains_in_flight_calls(
     while len(upstream.log.requests) < 6 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert len(upstream.log.requests) == 6, "calls did not reach the upstream"
+    with pytest.raises(grpc.RpcError) as full:
+        server.stub.ListRoutes(pb.ListRoutesRequest(), timeout=10)
+    assert full.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
     server.proc.send_signal(15)
     # Health flips at once, while the calls are still in flight.
@@ -275,3 +281,30 @@ def test_missing_tls_file_is_a_config_error(tmp_path: Path, upstream: FakeUpstre
     assert result.returncode == 2
     assert f"{path}: server.tls.cert: file not found" in result.stderr
     assert f"{path}: server.tls.key: file not found" in result.stderr
+
+
+def test_engine_that_cannot_load(
+    tmp_path: Path, upstream: FakeUpstream, arch_engine: dict[str, Any]
+) -> None:
+    """A corrupt artifact: health stays NOT_SERVING, Route fails open to the default route, and
+    fail-closed answers UNAVAILABLE."""
+    broken = tmp_path / "broken-artifact"
+    shutil.copytree(arch_engine["arch_router_artifact"], broken)
+    for model in broken.rglob("*.onnx"):
+        model.write_bytes(b"not an onnx model")
+    engine = {**arch_engine, "arch_router_artifact": str(broken)}
+    cfg = make_config(upstream.base_url, engine, server={"grace_s": 1})
+    server = start_server(tmp_path, cfg, wait_serving=False)
+    try:
+        server.wait_event("engine failed to start; health stays NOT_SERVING")
+        assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+        resp = server.stub.Route(route_request("write some code"), timeout=20)
+        assert resp.fallback_used and resp.fallback_reason == pb.FALLBACK_REASON_ENGINE_ERROR
+        assert resp.route == "general_chat" and resp.model == "ok_a" and resp.fallback_detail
+        cfg["routing"] = {"fail_open": False}
+        assert server.reload(cfg)["event"] == "reloaded"
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.Route(route_request("write some code"), timeout=20)
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert server.stop() == 0
