@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +59,34 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or model.count("/") != 1
 
 
+def _unreachable(model: str, revision: str, cause: str) -> ExportError:
+    return ExportError(
+        f"cannot fetch {model}@{revision} from the Hugging Face hub: the hub is unreachable "
+        f"({cause}). Pass a local checkpoint directory (--model /path/to/checkpoint, e.g. one made "
+        "with `huggingface-cli download` on a machine with network access)."
+    )
+
+
+def _probe_hub(endpoint: str, timeout_s: float = 5.0) -> str | None:
+    """One quick TCP connect to the hub (the hub client retries for ~25 s); None if it answers."""
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"{endpoint}: {type(exc).__name__}: {exc}"
+
+
 def _from_hub(model: str, revision: str) -> Checkpoint:
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
+    if not constants.HF_HUB_OFFLINE and not proxied:  # offline mode reads the local cache only
+        failure = _probe_hub(constants.ENDPOINT)
+        if failure is not None:
+            raise _unreachable(model, revision, failure)
     try:
         config_file = hf_hub_download(model, "config.json", revision=revision)
         config = json.loads(Path(config_file).read_text(encoding="utf-8"))
@@ -74,12 +101,8 @@ def _from_hub(model: str, revision: str) -> Checkpoint:
     except ExportError:
         raise
     except Exception as exc:  # the hub client raises many network error types
-        raise ExportError(
-            f"cannot fetch {model}@{revision} from the Hugging Face hub: the hub is unreachable "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Pass a local checkpoint directory (--model /path/to/checkpoint, e.g. one made with "
-            "`huggingface-cli download` on a machine with network access)."
-        ) from exc
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise _unreachable(model, revision, f"{type(exc).__name__}: {first_line}") from exc
     # snapshots/<commit sha>/ names the revision actually resolved.
     return Checkpoint(path, model, path.name, config)
 
