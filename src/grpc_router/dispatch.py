@@ -285,8 +285,24 @@ def _describe(e: httpx.HTTPError) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def _reason(attempt: Attempt) -> str:
+    """A low-cardinality metrics label for a failed attempt."""
+    if attempt.http_status:
+        return f"http_{attempt.http_status}"
+    for prefix, reason in (
+        ("timeout", "timeout"),
+        ("connect error", "connect"),
+        ("connection dropped", "dropped"),
+        ("API key", "no_api_key"),
+        ("malformed", "malformed"),
+        ("bad event", "malformed"),
+    ):
+        if attempt.error.startswith(prefix):
+            return reason
+    return "other"
+
+
 def _record_failure(failed: list[Attempt], attempt: Attempt, t0: float) -> None:
     failed.append(attempt)
-    reason = f"http_{attempt.http_status}" if attempt.http_status else attempt.error.split(" ")[0]
-    metrics.UPSTREAM_ERRORS.labels(attempt.model, reason).inc()
+    metrics.UPSTREAM_ERRORS.labels(attempt.model, _reason(attempt)).inc()
     metrics.UPSTREAM_LATENCY.labels(attempt.model).observe(time.perf_counter() - t0)

@@ -475,3 +475,14 @@ def test_concurrent_calls(srv: ServerProcess) -> None:
         t.join()
     assert not errors
     assert len(results) == 12 and set(results) <= set(ROUTE_NAMES)
+
+
+def test_upstream_and_fallback_metrics(live: Live) -> None:
+    live.configure(chain=["r429", "refused", "ok_a"], routing={"threshold": 1.0})
+    live.server.stub.Dispatch(pb.DispatchRequest(route=route_request("hi")), timeout=30)
+    url = f"http://127.0.0.1:{live.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert 'grpc_router_upstream_errors_total{model="r429",reason="http_429"}' in text
+    assert 'grpc_router_upstream_errors_total{model="refused",reason="connect"}' in text
+    assert 'grpc_router_upstream_seconds_count{model="ok_a"}' in text
+    assert "grpc_router_fallbacks_total{reason=" in text
