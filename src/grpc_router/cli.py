@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import json_format
 
 from grpc_router.config import ConfigError
+from grpc_router.errors import RouterError
 from grpc_router.evaluate import register_eval
 
 _ROLE_NAMES = ("user", "assistant", "system", "developer", "tool")
@@ -58,6 +59,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"grpc-router: {e}", file=sys.stderr)
         print("Fix the listed keys and start again.", file=sys.stderr)
         return 2
+    except RouterError as e:
+        print(f"grpc-router: {e}", file=sys.stderr)
+        return 1
 
 
 def _conversation(args: argparse.Namespace) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_router import logs, metrics
 from grpc_router.config import AppConfig, ConfigError, ServerConfig, load_config
 from grpc_router.core import Router
+from grpc_router.errors import RouterError
 from grpc_router.extproc import register_ext_proc
 from grpc_router.interceptors import CallInterceptor
 from grpc_router.selection import build_engine
@@ -27,6 +28,10 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _RESTART_ONLY = ("server", "engine", "metrics", "ext_proc")
 
 _log = logs.get_logger("grpc_router.server")
+
+
+class ServeError(RouterError):
+    """The server cannot start (e.g. its port is taken)."""
 
 
 def _credentials(server: ServerConfig) -> grpc.ServerCredentials | None:
@@ -85,12 +90,23 @@ class RouterServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.server.host}:{cfg.server.port}"
         creds = _credentials(cfg.server)
-        if creds is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, creds)
+        try:
+            if creds is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, creds)
+        except RuntimeError:
+            raise ServeError(
+                f"cannot listen on {address} (in use?): change server.port in {self._path}"
+            ) from None
         if cfg.metrics.port is not None:
-            self.metrics_port = metrics.serve_metrics(cfg.metrics.host, cfg.metrics.port)
+            try:
+                self.metrics_port = metrics.serve_metrics(cfg.metrics.host, cfg.metrics.port)
+            except OSError as e:
+                raise ServeError(
+                    f"cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port} "
+                    f"({e.strerror}): change metrics.port in {self._path}"
+                ) from None
         await self._server.start()
         _log.info(
             "listening",

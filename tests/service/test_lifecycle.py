@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -308,3 +309,19 @@ def test_engine_that_cannot_load(
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         assert server.stop() == 0
+
+
+def test_port_in_use_says_what_to_do(
+    tmp_path: Path, upstream: FakeUpstream, arch_engine: dict[str, Any]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = make_config(upstream.base_url, arch_engine, server={"port": port})
+        path = tmp_path / "busy.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = _serve(path)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "change server.port" in result.stderr
