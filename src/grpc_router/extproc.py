@@ -233,18 +233,20 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 elif phase == "request_body":
                     yield await self._on_request_body(request.request_body, stream)
                 elif phase is None:
+                    stream.done = True
                     EXTPROC_REQUESTS.labels("protocol_error").inc()
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, "ProcessingRequest: no phase is set"
                     )
                 else:
                     yield _continue(phase)
-        except asyncio.CancelledError:
-            # Envoy (or the client) went away mid-stream, e.g. the HTTP client hung up.
+        finally:
+            # Envoy ended the stream before this request was answered: the HTTP client went
+            # away. gRPC shows a reset either as CancelledError or as a plain end of the
+            # request stream, so both count here.
             if not stream.done:
                 EXTPROC_REQUESTS.labels("cancelled").inc()
                 log.info("extproc.cancelled", path=stream.path, request_id=stream.request_id)
-            raise
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -310,7 +312,6 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             messages = parse_chat(stream.dialect, document)
         except InvalidArgument as exc:
             return self._pass_through(stream, "invalid_chat", field=exc.field)
-        stream.done = True
         request = RouteRequest(messages=messages, request_id=stream.request_id)
         started = time.perf_counter()
         try:
@@ -319,6 +320,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return self._on_failure(stream, failure)
         finally:
             EXTPROC_ROUTE_SECONDS.observe(time.perf_counter() - started)
+        # Set only once answered, so that a cancel while routing counts as cancelled.
+        stream.done = True
         if outcome.fallback_reason in _ENGINE_FAILURES:
             # The router failed open onto its default route; closed mode still rejects.
             engine_failure = _Failure(
@@ -379,6 +382,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             raise _Failure("internal", self._settings.failure_status, repr(exc)) from exc
 
     def _count_failure(self, stream: _Stream, failure: _Failure) -> None:
+        stream.done = True
         mode = self._settings.failure_mode
         EXTPROC_REQUESTS.labels("failed").inc()
         EXTPROC_FAILURES.labels(failure.reason, mode).inc()
