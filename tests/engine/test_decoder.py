@@ -1,0 +1,169 @@
+"""Constrained decoding, scores and the prefix cache at the model level, on the tiny fixture."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from grpc_router.decoder import ALIGN, Rows, Trie, greedy, prompt_rows, score_all
+from grpc_router.errors import InvalidArgument
+from grpc_router.kvcache import PrefixCache, PrefixKV
+from grpc_router.prompt import Prompt, PromptBuilder
+from grpc_router.runtime import DecoderSession
+from grpc_router.types import Message, Role, RouteSpec
+
+CPU_VARIANTS = ("fp32", "int4", "int8")
+ROUTES = [
+    RouteSpec("code_generation", "Writing or fixing code."),
+    RouteSpec("Buses", "Book bus journeys between cities."),
+    RouteSpec("weather", "Weather forecasts."),
+]
+MESSAGES = [
+    Message(Role.USER, "Can you get me a bus ticket?"),
+    Message(Role.ASSISTANT, "How many do you need?"),
+    Message(Role.USER, "Four, to Fresno on Saturday morning."),
+]
+
+
+def _setup(artifacts: Path, variant: str) -> tuple[DecoderSession, PromptBuilder, Prompt]:
+    session = DecoderSession(artifacts / variant / "model.onnx", provider="cpu")
+    builder = PromptBuilder.from_dir(artifacts / variant)
+    return session, builder, builder.build(MESSAGES, ROUTES, budget=2048)
+
+
+def _full(session: DecoderSession, ids: tuple[int, ...]) -> tuple[np.ndarray, Rows]:
+    root, rows = prompt_rows(session, session.empty_past(1), 0, [ids])
+    return root[0], rows[0]
+
+
+def _plain_greedy(session: DecoderSession, ids: tuple[int, ...], steps: int) -> list[int]:
+    """Unconstrained greedy decoding, one token per run (the reference callers' loop)."""
+    n = len(ids)
+    out = session.run(
+        np.asarray([ids]), np.ones((1, n), np.int64), np.arange(n)[None], session.empty_past(1)
+    )
+    tokens: list[int] = []
+    for _ in range(steps):
+        tok = int(np.argmax(out.logits[0, -1]))
+        tokens.append(tok)
+        n += 1
+        out = session.run(
+            np.asarray([[tok]]), np.ones((1, n), np.int64), np.asarray([[n - 1]]), out.present
+        )
+    return tokens
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_constrained_equals_plain_greedy(tiny_artifacts: Path, variant: str) -> None:
+    session, _, prompt = _setup(tiny_artifacts, variant)
+    g = _plain_greedy(session, prompt.ids, 4)
+    vocab = session.vocab
+    other = [t for t in range(5, vocab) if t not in g][:3]
+    # Route "target" is what the model emits greedily; "decoy" shares its first two tokens, so
+    # the decode must pass two branching nodes before the route is unique.
+    paths = {
+        "target": (g[0], g[1], g[2], g[3]),
+        "decoy": (g[0], g[1], other[0], g[3]),
+        "sibling": (g[0], other[1]),
+        "far": (other[2], g[1]),
+        "other": (other[0], other[1]),
+    }
+    trie = Trie(paths)
+    root, rows = _full(session, prompt.ids)
+    outcome, runs = greedy(session, trie, rows, root)
+    assert outcome.route == "target"
+    assert runs == 2  # after g0 (two children) and after g1 (two children); unique after g2
+    scored, _ = score_all(session, trie, rows, root)
+    assert scored.route == "target"
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_scores_are_normalised_path_probabilities(tiny_artifacts: Path, variant: str) -> None:
+    session, builder, prompt = _setup(tiny_artifacts, variant)
+    names = [r.name for r in ROUTES] + ["other"]
+    paths = builder.route_paths(names)
+    trie = Trie(paths)
+    root, rows = _full(session, prompt.ids)
+    outcome, runs = score_all(session, trie, rows, root)
+    assert runs == 1
+    assert set(outcome.scores) == set(names)
+    assert math.isclose(sum(outcome.scores.values()), 1.0, rel_tol=1e-9)
+    assert outcome.confidence == outcome.scores[outcome.route]
+    # Reference: each path's token probabilities computed one run per token, then normalised.
+    logp = {}
+    for name, path in paths.items():
+        total, ids = 0.0, list(prompt.ids)
+        for tok in path:
+            n = len(ids)
+            out = session.run(
+                np.asarray([ids]), np.ones((1, n), np.int64), np.arange(n)[None],
+                session.empty_past(1),
+            )  # fmt: skip
+            row = out.logits[0, -1].astype(np.float64)
+            total += row[tok] - (row.max() + math.log(np.exp(row - row.max()).sum()))
+            ids.append(tok)
+        logp[name] = total
+    norm = sum(math.exp(v) for v in logp.values())
+    for name in names:
+        assert outcome.scores[name] == pytest.approx(math.exp(logp[name]) / norm, rel=1e-4)
+    # Without full scores: the same route, confidence = P(decoded path until unique).
+    decided, _ = greedy(session, trie, rows, root)
+    assert decided.route == outcome.route and decided.scores == {}
+    assert 0.0 < decided.confidence <= 1.0
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_prefix_cache_equals_full_prefill(tiny_artifacts: Path, variant: str) -> None:
+    session, _, prompt = _setup(tiny_artifacts, variant)
+    full_root, _ = _full(session, prompt.ids)
+    n = len(prompt.prefix.ids) // ALIGN * ALIGN
+    assert n > 0 and prompt.ids[:n] == prompt.prefix.ids[:n]
+    out = session.run(
+        np.asarray([prompt.ids[:n]]), np.ones((1, n), np.int64), np.arange(n)[None],
+        session.empty_past(1),
+    )  # fmt: skip
+    cached_root, _ = prompt_rows(session, out.present, n, [prompt.ids[n:]])
+    assert np.array_equal(cached_root[0], full_root)  # bit-identical
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_batched_prefill_equals_alone(tiny_artifacts: Path, variant: str) -> None:
+    session, builder, prompt = _setup(tiny_artifacts, variant)
+    others = [
+        builder.build([Message(Role.USER, "weather in Paris tomorrow?")], ROUTES, 2048),
+        builder.build([*MESSAGES, Message(Role.USER, "and back on Monday " * 9)], ROUTES, 2048),
+    ]
+    prompts = [prompt, *others]
+    alone = [_full(session, p.ids)[0] for p in prompts]
+    batched, rows = prompt_rows(session, session.empty_past(3), 0, [p.ids for p in prompts])
+    for a, b, r, p in zip(alone, batched, rows, prompts, strict=True):
+        assert np.array_equal(a, b)
+        assert r.length == len(p.ids)
+
+
+def test_trie_rejects_a_path_that_prefixes_another() -> None:
+    with pytest.raises(InvalidArgument):
+        Trie({"a": (1, 2), "b": (1, 2, 3)})
+    trie = Trie({"a": (1, 2), "b": (1, 3, 4), "c": (5, 6)})
+    # (1,) is covered by (1, 3): one row fewer to run.
+    assert trie.scoring_rows() == [(1, 3), (5,)]
+
+
+def test_prefix_cache_is_lru_bounded_in_bytes() -> None:
+    def entry(n: int) -> PrefixKV:
+        return PrefixKV(tuple(range(n)), [np.zeros((1, 1, n, 4), np.float32)])
+
+    cache = PrefixCache(max_bytes=3 * 16 * 10)  # room for three 10-token entries
+    for key in "abc":
+        cache.put(key, entry(10))
+    assert cache.get("a", tuple(range(10))) is not None  # a is now most recent
+    cache.put("d", entry(10))
+    assert cache.get("b", tuple(range(10))) is None  # b was least recently used
+    assert cache.get("a", tuple(range(10))) is not None
+    assert cache.nbytes <= cache.max_bytes and len(cache) == 3
+    assert cache.get("a", (9, 9)) is None  # other tokens under the same key: no reuse
+    cache.put("huge", entry(100))  # bigger than the bound: not stored, nothing evicted
+    assert cache.get("huge", tuple(range(100))) is None and len(cache) == 3

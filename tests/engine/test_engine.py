@@ -1,0 +1,174 @@
+"""ArchRouterEngine end to end on the tiny artifacts: batching, cache, errors, providers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from grpc_router.engine import ArchRouterEngine, ArchRouterSettings
+from grpc_router.errors import ArtifactError, EngineUnavailable, InvalidArgument, Overloaded
+from grpc_router.runtime import CPU, CUDA, TRT, choose_provider
+from grpc_router.types import Decision, Engine, Message, Role, RouteSpec
+
+ROUTES = [
+    RouteSpec("code_generation", "Writing or fixing code."),
+    RouteSpec("Buses", "Book bus journeys between cities."),
+    RouteSpec("weather", "Weather forecasts."),
+    RouteSpec("Banks", "Bank balances and transfers."),
+]
+CONVERSATIONS = [
+    [Message(Role.USER, "Write a sort function in Rust.")],
+    [
+        Message(Role.USER, "Can you get me a bus ticket?"),
+        Message(Role.ASSISTANT, "How many do you need?"),
+        Message(Role.USER, "Four, to Fresno on Saturday morning."),
+    ],
+    [Message(Role.SYSTEM, "be brief"), Message(Role.USER, "Will it rain in Oslo?")],
+    [Message(Role.USER, "Move 200 dollars to my savings account " * 3)],
+]
+
+
+def _engine(artifacts: Path, variant: str, **settings: object) -> ArchRouterEngine:
+    return ArchRouterEngine(
+        artifacts, ArchRouterSettings(variant=variant, provider="cpu", **settings)
+    )
+
+
+async def _sequential(engine: ArchRouterEngine, full_scores: bool = True) -> list[Decision]:
+    return [await engine.decide(c, ROUTES, full_scores=full_scores) for c in CONVERSATIONS]
+
+
+def _same(a: Decision, b: Decision) -> bool:
+    return (a.route, a.confidence, dict(a.scores)) == (b.route, b.confidence, dict(b.scores))
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int4", "int8"])
+def test_batched_cached_and_alone_are_identical(tiny_artifacts: Path, variant: str) -> None:
+    async def run() -> None:
+        alone = _engine(tiny_artifacts, variant, max_batch_size=1, prefix_cache_bytes=0)
+        batched = _engine(tiny_artifacts, variant, max_batch_size=8, max_wait_us=300_000)
+        await alone.start()
+        await batched.start()
+        try:
+            assert isinstance(batched, Engine) and batched.ready
+            reference = await _sequential(alone)
+            cold = await asyncio.gather(*(batched.decide(c, ROUTES) for c in CONVERSATIONS))
+            warm = await asyncio.gather(*(batched.decide(c, ROUTES) for c in CONVERSATIONS))
+            assert batched._batcher.largest_batch > 1  # requests really shared a run
+            for ref, c, w in zip(reference, cold, warm, strict=True):
+                assert _same(ref, c) and _same(ref, w)
+                assert ref.cached_tokens == 0 and w.cached_tokens > 0
+                assert w.prompt_tokens == ref.prompt_tokens > w.cached_tokens
+                assert ref.engine == "arch-router"
+                assert set(ref.scores) == {r.name for r in ROUTES} | {"other"}
+                assert sum(ref.scores.values()) == pytest.approx(1.0)
+                assert ref.route in ref.scores
+                assert {"queue", "prefill", "score", "total"} <= set(w.timings_ms)
+            # Scores off: same routes, no scores, a decode timing instead.
+            quick = await asyncio.gather(
+                *(batched.decide(c, ROUTES, full_scores=False) for c in CONVERSATIONS)
+            )
+            for ref, q in zip(reference, quick, strict=True):
+                assert q.route == ref.route and q.scores == {}
+                assert 0 < q.confidence <= 1 and "decode" in q.timings_ms
+        finally:
+            await alone.close()
+            await batched.close()
+
+    asyncio.run(run())
+
+
+def test_config_turns_scores_off_and_other_route_sets(tiny_artifacts: Path) -> None:
+    async def run() -> None:
+        engine = _engine(tiny_artifacts, "int4", full_scores=False, warmup=False)
+        await engine.start()
+        try:
+            d = await engine.decide(CONVERSATIONS[0], ROUTES, full_scores=True)
+            assert d.scores == {}
+            two = [RouteSpec("a_route", "first"), RouteSpec("b_route", "second")]
+            d2 = await engine.decide(CONVERSATIONS[1], two)
+            assert d2.route in {"a_route", "b_route", "other"}
+            assert len(engine.prefix_cache) == 2  # one prefix per route set
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
+def test_errors(tiny_artifacts: Path) -> None:
+    async def run() -> None:
+        engine = _engine(tiny_artifacts, "int4", warmup=False)
+        with pytest.raises(EngineUnavailable):
+            await engine.decide(CONVERSATIONS[0], ROUTES)
+        await engine.start()
+        try:
+            with pytest.raises(InvalidArgument) as err:
+                await engine.decide([Message(Role.ASSISTANT, "hi")], ROUTES)
+            assert err.value.field == "messages"
+            with pytest.raises(InvalidArgument) as err:
+                await engine.decide(CONVERSATIONS[0], [*ROUTES, RouteSpec("Buses", "again")])
+            assert err.value.field == "routes[4].name"
+            # The engine still works after bad requests.
+            assert (await engine.decide(CONVERSATIONS[0], ROUTES)).route
+        finally:
+            await engine.close()
+        with pytest.raises(ArtifactError):
+            await _engine(tiny_artifacts / "missing", "int4").start()
+        with pytest.raises(ArtifactError, match="variant 'int3'"):
+            await _engine(tiny_artifacts, "int3").start()
+
+    asyncio.run(run())
+
+
+def test_overloaded_when_queue_is_full(tiny_artifacts: Path) -> None:
+    async def run() -> None:
+        engine = _engine(
+            tiny_artifacts, "int4", max_queue=1, max_batch_size=1, max_wait_us=0, warmup=False
+        )
+        await engine.start()
+        try:
+            results = await asyncio.gather(
+                *(engine.decide(CONVERSATIONS[1], ROUTES) for _ in range(8)),
+                return_exceptions=True,
+            )
+            overloaded = [r for r in results if isinstance(r, Overloaded)]
+            decided = [r for r in results if isinstance(r, Decision)]
+            assert overloaded and decided
+            assert len(overloaded) + len(decided) == 8
+            assert "queue is full" in str(overloaded[0])
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+
+
+def test_provider_selection() -> None:
+    assert choose_provider("cpu").name == CPU
+    assert choose_provider("auto", available=[CPU]).name == CPU
+    assert choose_provider("auto", available=[CUDA, CPU]).name == CUDA
+    trt = choose_provider("auto", available=[TRT, CUDA, CPU], trt_cache_dir=Path("/c"))
+    assert trt.name == TRT and [p for p, _ in trt.providers] == [TRT, CUDA, CPU]
+    opts = trt.providers[0][1]
+    assert opts["trt_fp16_enable"] == "True" and opts["trt_engine_cache_path"] == "/c"
+    assert "input_ids:1x1" in opts["trt_profile_min_shapes"]
+    for asked in ("cuda", "tensorrt"):
+        with pytest.raises(EngineUnavailable, match="onnxruntime-gpu"):
+            choose_provider(asked, available=[CPU])  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    CUDA in ort.get_available_providers(), reason="this machine has the CUDA provider"
+)
+def test_engine_asked_for_cuda_without_it(tiny_artifacts: Path) -> None:
+    engine = ArchRouterEngine(tiny_artifacts, ArchRouterSettings(provider="cuda"))
+    with pytest.raises(EngineUnavailable, match="onnxruntime-gpu"):
+        asyncio.run(engine.start())
+    assert not engine.ready
+
+
+def test_settings_reject_unknown_fields() -> None:
+    with pytest.raises(ValueError, match="extra"):
+        ArchRouterSettings(provider="cpu", batch=3)  # type: ignore[call-arg]
