@@ -415,19 +415,28 @@ def test_an_empty_processing_request_is_a_protocol_error(channel: grpc.Channel) 
 # -- engine failure under both failure modes ------------------------------------------------
 
 
-@pytest.mark.parametrize("router_fails_open", [True, False])
-def test_engine_failure_fail_open(
-    mesh: Mesh, broken_engine: ArchRouterEngine, router_fails_open: bool
-) -> None:
-    router = Router(router_config(fail_open=router_fails_open), broken_engine)
-    channel = mesh.serve(router, failure_mode="open")
-    before = metric(FAILURES, reason="engine_error", failure_mode="open")
-
+def _call_with_a_failing_engine(
+    mesh: Mesh, engine: ArchRouterEngine, *, router_fails_open: bool, failure_mode: str
+) -> tuple[pb.ProcessingResponse, float]:
+    """One chat call through ext_proc; returns the body answer and the failure count's rise."""
+    router = Router(router_config(fail_open=router_fails_open), engine)
+    channel = mesh.serve(router, failure_mode=failure_mode)
+    labels = {"reason": "engine_error", "failure_mode": failure_mode}
+    before = metric(FAILURES, **labels)
     stream = ProcessStream(channel)
     assert_untouched(stream.send(http_headers(OPENAI)), "request_headers")
     response = stream.send(http_body(chat_body()))
     stream.finish()
+    return response, metric(FAILURES, **labels) - before
 
+
+@pytest.mark.parametrize("router_fails_open", [True, False])
+def test_engine_failure_fail_open(
+    mesh: Mesh, broken_engine: ArchRouterEngine, router_fails_open: bool
+) -> None:
+    response, counted = _call_with_a_failing_engine(
+        mesh, broken_engine, router_fails_open=router_fails_open, failure_mode="open"
+    )
     assert response.WhichOneof("response") == "request_body"
     if router_fails_open:
         # The router fell back to its default route: the request goes there, marked.
@@ -438,22 +447,16 @@ def test_engine_failure_fail_open(
     else:
         # The router raised: the request continues untouched (Envoy's default route).
         assert_untouched(response, "request_body")
-    assert metric(FAILURES, reason="engine_error", failure_mode="open") == before + 1
+    assert counted == 1
 
 
 @pytest.mark.parametrize("router_fails_open", [True, False])
 def test_engine_failure_fail_closed(
     mesh: Mesh, broken_engine: ArchRouterEngine, router_fails_open: bool
 ) -> None:
-    router = Router(router_config(fail_open=router_fails_open), broken_engine)
-    channel = mesh.serve(router, failure_mode="closed")
-    before = metric(FAILURES, reason="engine_error", failure_mode="closed")
-
-    stream = ProcessStream(channel)
-    assert_untouched(stream.send(http_headers(OPENAI)), "request_headers")
-    response = stream.send(http_body(chat_body()))
-    stream.finish()
-
+    response, counted = _call_with_a_failing_engine(
+        mesh, broken_engine, router_fails_open=router_fails_open, failure_mode="closed"
+    )
     assert response.WhichOneof("response") == "immediate_response"
     reply = response.immediate_response
     assert reply.status.code == 503
@@ -462,4 +465,4 @@ def test_engine_failure_fail_closed(
         "content-type": "application/json"
     }
     assert reply.details == "grpc_router_engine_error"
-    assert metric(FAILURES, reason="engine_error", failure_mode="closed") == before + 1
+    assert counted == 1
