@@ -7,6 +7,7 @@ decoder and the dynamic batcher together. It knows nothing about gRPC.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,17 @@ class ArchRouterSettings(BaseModel):
         default=None,
         description="Artifact variant (int8, int4, fp16, fp32); None = the default one.",
     )
+
+
+def _kv_shape(variant_dir: Path) -> tuple[int, int, int] | None:
+    """(layers, kv_heads, head_dim) from the artifact's config.json, for TensorRT profiles."""
+    try:
+        cfg = json.loads((variant_dir / "config.json").read_text(encoding="utf-8"))
+        heads = int(cfg["num_attention_heads"])
+        head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+        return int(cfg["num_hidden_layers"]), int(cfg["num_key_value_heads"]), head_dim
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +196,7 @@ class ArchRouterEngine:
             trt_cache_dir=s.trt_cache_dir or variant_dir / "trt-cache",
             max_tokens=s.prompt_token_budget,
             max_batch=s.max_batch_size * 32,
+            kv_shape=_kv_shape(variant_dir),
         )
         self.variant, self.variant_dir = manifest.variant, variant_dir
         log.info("arch-router loaded", **manifest_summary(manifest), provider=self.provider)

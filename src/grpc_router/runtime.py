@@ -44,8 +44,11 @@ def choose_provider(
     trt_cache_dir: Path | None = None,
     max_tokens: int = 4096,
     max_batch: int = 16,
+    kv_shape: tuple[int, int, int] | None = None,
 ) -> ProviderChoice:
-    """Pick the execution provider; an asked-for provider that is absent is an error."""
+    """Pick the execution provider; an asked-for provider that is absent is an error.
+
+    `kv_shape` (layers, kv_heads, head_dim) lets the TensorRT profiles cover the past inputs."""
     have = ort.get_available_providers() if available is None else available
     if requested == "auto":
         requested = "tensorrt" if TRT in have else "cuda" if CUDA in have else "cpu"
@@ -63,17 +66,29 @@ def choose_provider(
             "and TensorRT"
         )
     cache = str(trt_cache_dir or Path("trt-cache"))
-    # One profile spanning single decode steps up to full prompts of a whole batch.
-    dims = "input_ids:{b}x{s},attention_mask:{b}x{s},position_ids:{b}x{s}"
+
+    # One profile spanning single decode steps up to full prompts of a whole batch; the past
+    # spans an empty cache (prefill) up to a full prompt.
+    def dims(b: int, s: int, past: int) -> str:
+        out = [f"input_ids:{b}x{s}", f"attention_mask:{b}x{past + s}", f"position_ids:{b}x{s}"]
+        if kv_shape is not None:
+            layers, kv_heads, head_dim = kv_shape
+            out += [
+                f"past_key_values.{i}.{kind}:{b}x{kv_heads}x{past}x{head_dim}"
+                for i in range(layers)
+                for kind in ("key", "value")
+            ]
+        return ",".join(out)
+
     trt_opts = {
         "trt_fp16_enable": "True",
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": cache,
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": cache,
-        "trt_profile_min_shapes": dims.format(b=1, s=1),
-        "trt_profile_opt_shapes": dims.format(b=max(1, max_batch // 2), s=512),
-        "trt_profile_max_shapes": dims.format(b=max_batch, s=max_tokens),
+        "trt_profile_min_shapes": dims(1, 1, 0),
+        "trt_profile_opt_shapes": dims(max(1, max_batch // 2), 16, 512),
+        "trt_profile_max_shapes": dims(max_batch, max_tokens, max_tokens),
     }
     return ProviderChoice(TRT, [(TRT, trt_opts), (CUDA, {}), (CPU, {})])
 
@@ -99,9 +114,14 @@ class DecoderSession:
         trt_cache_dir: Path | None = None,
         max_tokens: int = 4096,
         max_batch: int = 16,
+        kv_shape: tuple[int, int, int] | None = None,
     ) -> None:
         self.choice = choose_provider(
-            provider, trt_cache_dir=trt_cache_dir, max_tokens=max_tokens, max_batch=max_batch
+            provider,
+            trt_cache_dir=trt_cache_dir,
+            max_tokens=max_tokens,
+            max_batch=max_batch,
+            kv_shape=kv_shape,
         )
         opts = ort.SessionOptions()
         if intra_op_threads is not None:
@@ -174,8 +194,9 @@ class DecoderSession:
         return StepOutput(logits, list(out[1:]))
 
     def _run_bound(self, feed: dict[str, Any]) -> list[Any]:
-        # GPU: IO binding so the inputs are copied once and ORT allocates outputs on the
-        # device; logits come back for the host-side trie logic.
+        # GPU: IO binding, outputs allocated by ORT on the device. The KV still returns to the
+        # host between runs (the trie logic slices it with numpy); keeping it on the device
+        # needs device-side slicing and is not done yet.
         binding = self.session.io_binding()
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)

@@ -1,0 +1,181 @@
+"""Benchmark orchestrator: builds the workload and the artifact, runs each measurement in its
+own subprocess, prints the table and the ratios, writes reports/bench-*.{json,md}."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from export.fixtures import build_full_shape_checkpoint, cached_checkpoint, repo_root
+from grpc_router.artifact import list_variants
+from tests.bench.report import compute_floor, markdown, ratios
+from tests.bench.workload import build_workload, describe
+
+HEAVY_LOCK = Path("/tmp/heavy.lock")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (default 28, Arch-Router's); width stays full",
+    )
+    p.add_argument("--variants", default="int8,int4", help="engine variants to measure")
+    p.add_argument("--samples", type=int, default=4, help="conversations per case kind")
+    p.add_argument("--cold-samples", type=int, default=2, help="cold-cache decisions per kind")
+    p.add_argument(
+        "--baseline-samples",
+        type=int,
+        default=2,
+        help="conversations per case kind for the (slow) baselines",
+    )
+    p.add_argument("--concurrency", default="1,4,16", help="client counts for decisions/s")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="intra-op threads for every system (default: all cores)",
+    )
+    p.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("reports"))
+    return p.parse_args(argv)  # fmt: skip
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def heavy_lock() -> Iterator[None]:
+    """Serialise with other >4 GiB jobs on this machine (set HEAVY_LOCK_HELD=1 when the caller
+    already holds /tmp/heavy.lock, e.g. under `flock /tmp/heavy.lock make bench`)."""
+    if os.environ.get("HEAVY_LOCK_HELD") == "1":
+        yield
+        return
+    with HEAVY_LOCK.open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for {HEAVY_LOCK} (another heavy job is running)")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_artifact(layers: int | None, variants: list[str]) -> tuple[Path, Path]:
+    """The full-shape checkpoint and artifact root, built once and cached under artifacts/."""
+    suffix = "" if layers is None else f"-L{layers}"
+    root = repo_root() / "artifacts"
+    say("full-shape checkpoint (random weights, Arch-Router-1.5B shapes, real tokenizer)")
+    ckpt = cached_checkpoint(
+        root / ".cache", f"full-shape{suffix}-ckpt", build_full_shape_checkpoint, layers=layers
+    )
+    name = f"full-shape{suffix}"
+    missing = [v for v in variants if v not in list_variants(root / name)]
+    if missing:
+        say(f"exporting {name} variants {missing} (python -m export; several minutes)")
+        subprocess.run(
+            [sys.executable, "-m", "export", "--model", str(ckpt), "--name", name,
+             "--out", str(root), "--variants", ",".join(missing), "--no-parity"],
+            cwd=repo_root(), check=True,
+        )  # fmt: skip
+    return ckpt, root / name
+
+
+def run_worker(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config, result = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        config.write_text(json.dumps(cfg))
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "tests.bench.workers", kind, str(config), str(result)],
+            cwd=repo_root(), check=True,
+        )  # fmt: skip
+        out: dict[str, Any] = json.loads(result.read_text())
+        out["wall_s"] = time.perf_counter() - t
+        return out
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "python": platform.python_version(), "gpu": "none"}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    with heavy_lock():
+        ckpt, artifact = ensure_artifact(args.layers, variants)
+        workload = build_workload(args.samples)
+        shape = describe(workload, artifact / variants[0])
+        config = json.loads((ckpt / "config.json").read_text())
+        say("workload (fixed):")
+        for kind, facts in shape.items():
+            say(f"  {kind}: {json.dumps(facts)}")
+        report: dict[str, Any] = {
+            "machine": machine(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "layers": config["num_hidden_layers"],
+            "workload": shape,
+            "workload_cases": [c.name for c in workload.long + workload.short],
+            "engine": {},
+            "optimum": {},
+        }
+        common = {"workload": workload.to_json(), "threads": args.threads}
+        say("int8 GEMM throughput (MatMulInteger, prefill MLP shape)")
+        report["matmul"] = run_worker(
+            "matmul", {**common, "m": 512, "k": config["hidden_size"],
+                       "n": config["intermediate_size"]},
+        )  # fmt: skip
+        for variant in variants:
+            say(f"engine {variant}")
+            report["engine"][variant] = run_worker(
+                "engine",
+                {**common, "artifact": str(artifact), "variant": variant,
+                 "provider": args.provider, "samples": args.samples,
+                 "cold_samples": args.cold_samples, "concurrency": concurrency},
+            )  # fmt: skip
+        if not args.skip_baselines:
+            base = {**common, "samples": args.baseline_samples}
+            say("baseline A: transformers + PyTorch fp32 generate (max_new_tokens 16)")
+            report["torch"] = run_worker("torch", {**base, "checkpoint": str(ckpt)})
+            for variant in variants:
+                say(f"baseline B: Optimum ORTModelForCausalLM.generate on {variant}")
+                report["optimum"][variant] = run_worker(
+                    "optimum", {**base, "artifact": str(artifact), "variant": variant}
+                )
+    report["floor"] = compute_floor(config, shape["long"], report["matmul"])
+    report["ratios"] = ratios(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"bench-{'full' if args.layers is None else f'L{args.layers}'}"
+    text = markdown(report)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    say(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
