@@ -24,7 +24,7 @@ from export.errors import ExportError
 from export.manifest import ArtifactBuilder, scratch_dir, set_default_variant
 from export.progress import Progress, human_size
 from export.source import Checkpoint
-from grpc_router.artifact import list_variants, pick_default
+from grpc_router.artifact import list_variants, pick_default, read_manifest
 
 FREE_BYTES_ENV = "GRPC_ROUTER_EXPORT_FREE_BYTES"
 # Where each variant is meant to run (recorded in the manifest for the server's choice of EP).
@@ -35,10 +35,10 @@ TARGETS = {
     "fp32": ["CPUExecutionProvider", "CUDAExecutionProvider"],
 }
 DEFAULT_REASON = (
-    "fastest variant whose logits are row-independent (weight-only MatMulNBits): int4 decodes "
-    "faster than 8-bit at equal prefill speed; dynamic int8 (quantize_dynamic) is faster to "
-    "prefill but its per-call activation scale makes logits depend on batch neighbours, padding "
-    "and cached prefixes, so it is not offered."
+    "the default is the fastest exact variant (manifest quantization.exact): row-wise dynamic "
+    "int8 keeps integer-GEMM speed and is bit-exact under cached prefixes, padding and batching; "
+    "MatMulNBits int4 (accuracy_level 4) is exact under a cached prefix only (padding/batching "
+    "move logits ~1e-7); quantize_dynamic's per-call activation scale is not offered at all."
 )
 
 
@@ -168,6 +168,13 @@ def _variant_parity(
         }
 
 
+def _exact_variants(root: Path) -> list[str]:
+    """Variants whose manifest says a request's logits do not depend on what shares the call."""
+    return [
+        v for v in list_variants(root) if read_manifest(root / v).quantization.get("exact") is True
+    ]
+
+
 def export_decoder(
     ckpt: Checkpoint, opts: ExportOptions, progress: Progress
 ) -> list[VariantResult]:
@@ -228,7 +235,7 @@ def export_decoder(
             results.append(
                 VariantResult(variant, final, _dir_size(final), report, time.perf_counter() - start)
             )
-    default = pick_default(list_variants(root))
+    default = pick_default(_exact_variants(root)) or pick_default(list_variants(root))
     if default is not None:
         set_default_variant(root, default)
         progress.info(f"default variant of {root}: {default}")

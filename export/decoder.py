@@ -37,16 +37,30 @@ class QuantSettings:
     """How each variant is derived from the fp32 graph (recorded in the manifest)."""
 
     int4_block_size: int = 128
-    int8_block_size: int = 128
     accuracy_level: int = 4
     symmetric: bool = True
+    int8_scheme: str = "rowwise"
+    """"rowwise": per-row dynamic int8 + MatMulInteger (exact, fast); "nbits": MatMulNBits 8-bit."""
+    int8_block_size: int = 128
 
     def for_variant(self, variant: str) -> dict[str, Any]:
         if variant == "fp32":
-            return {"method": "none", "dtype": "float32"}
+            return {"method": "none", "dtype": "float32", "exact": True}
         if variant == "fp16":
             return {"method": "float16_cast", "dtype": "float16", "keep_io_types": True}
+        if variant == "int8" and self.int8_scheme == "rowwise":
+            return {
+                "method": "rowwise_dynamic_int8",
+                "weights": "int8 symmetric, one scale per output column",
+                "activations": "int8 symmetric, one scale per row (token), computed per call",
+                "op_types": ["MatMul"],
+                "exact": True,
+                "exact_note": EXACT_NOTE,
+            }
         bits = 4 if variant == "int4" else 8
+        # MatMulNBits' int8 compute (accuracy_level 4) tiles rows differently for different row
+        # counts: a cached prefix is bit-exact, padding and batching move logits by ~1e-7.
+        exact = self.accuracy_level < 2
         return {
             "method": "MatMulNBits",
             "weight_only": True,
@@ -55,8 +69,19 @@ class QuantSettings:
             "accuracy_level": self.accuracy_level,
             "symmetric": self.symmetric,
             "op_types": ["MatMul"],
-            "row_independent": True,
+            "exact": exact,
+            "exact_note": EXACT_NOTE if exact else NBITS_INEXACT_NOTE,
         }
+
+
+EXACT_NOTE = (
+    "a request's logits are bit-identical alone, after a cached prefix, right-padded and batched"
+)
+NBITS_INEXACT_NOTE = (
+    "rows are quantized independently, so logits are bit-identical after a cached prefix, but "
+    "padding and batching change them by ~1e-7 (the int8 kernel tiles rows by count); use "
+    "--accuracy-level 1 for bit-exact float compute (about 5x slower on CPU)"
+)
 
 
 @contextlib.contextmanager
@@ -155,6 +180,10 @@ def build_variant(variant: str, fp32_model: Path, out_dir: Path, settings: Quant
         link_fp32(fp32_model, out_path)
     elif variant == "fp16":
         convert_fp16(fp32_model, out_path)
+    elif variant == "int8" and settings.int8_scheme == "rowwise":
+        from export.quantize import quantize_rowwise_int8
+
+        quantize_rowwise_int8(fp32_model, out_path)
     elif variant in ("int4", "int8"):
         quantize_nbits(fp32_model, out_path, bits=4 if variant == "int4" else 8, settings=settings)
     else:
@@ -204,6 +233,8 @@ def estimate_variant_bytes(config: dict[str, Any], variant: str, settings: Quant
         return 4 * (matmul + embed)
     if variant == "fp16":
         return 2 * (matmul + embed)
+    if variant == "int8" and settings.int8_scheme == "rowwise":
+        return int(4 * embed + matmul)
     bits = 4 if variant == "int4" else 8
     block = settings.int4_block_size if bits == 4 else settings.int8_block_size
     return int(4 * embed + matmul * (bits / 8 + 4.5 / block))

@@ -57,6 +57,17 @@ TINY_CONFIG: dict[str, Any] = {
     "max_window_layers": 2,
 }
 TINY_BPE_VOCAB = 1024
+# Qwen2.5's ChatML template without its tools branch; used only when ../shared is absent.
+CHATML_FALLBACK = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+    "helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 
 def repo_root() -> Path:
@@ -143,8 +154,12 @@ def _write_bpe_tokenizer(out_dir: Path) -> dict[str, int]:
     tokenizer.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
     tokenizer.save(str(out_dir / "tokenizer.json"))
     added = {tok: int(tokenizer.token_to_id(tok)) for tok in QWEN_SPECIAL_TOKENS}
-    real_config = qwen_tokenizer_dir() / "tokenizer_config.json"
-    template = json.loads(real_config.read_text(encoding="utf-8"))["chat_template"]
+    real_config = shared_dir() / "qwen2.5-tokenizer" / "tokenizer_config.json"
+    template = (
+        json.loads(real_config.read_text(encoding="utf-8"))["chat_template"]
+        if real_config.is_file()
+        else CHATML_FALLBACK
+    )
     config = _qwen_tokenizer_config(template, added)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return {"vocab_size": tokenizer.get_vocab_size(), **added}
@@ -229,3 +244,65 @@ def cached_checkpoint(
         build(tmp, **kwargs)
         os.rename(tmp, final)
     return final
+
+
+def full_shape_name(layers: int | None = None) -> str:
+    return "full-shape" if layers is None else f"full-shape-{layers}l"
+
+
+def ensure_full_shape_artifact(
+    out: Path | None = None,
+    *,
+    layers: int | None = None,
+    variants: str = "int4,int8",
+    parity: bool = True,
+) -> Path:
+    """`artifacts/full-shape[-<layers>l]/`, built on first use (checkpoint cached under
+    `artifacts/.cache/`); the export runs in a subprocess. The 28-layer export peaks near
+    14 GiB: callers on a shared machine hold `flock /tmp/heavy.lock` around the whole job
+    (not taken here, so a bench already holding it cannot deadlock). Returns the root."""
+    import subprocess
+    import sys
+
+    from grpc_router.artifact import list_variants
+
+    out = Path(out) if out is not None else repo_root() / "artifacts"
+    name = full_shape_name(layers)
+    wanted = [v.strip() for v in variants.split(",") if v.strip()]
+    root = out / name
+    if set(wanted) <= set(list_variants(root)):
+        return root
+    ckpt = cached_checkpoint(
+        out / ".cache", f"{name}-ckpt", build_full_shape_checkpoint, layers=layers
+    )
+    cmd = [sys.executable, "-m", "export", "--model", str(ckpt), "--name", name,
+           "--out", str(out), "--variants", variants]  # fmt: skip
+    if not parity:
+        cmd.append("--no-parity")
+    subprocess.run(cmd, check=True, cwd=repo_root())
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m export.fixtures full-shape [--layers N] [--variants int4,int8]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m export.fixtures")
+    parser.add_argument("what", choices=["full-shape", "tiny"])
+    parser.add_argument("--layers", type=int, default=None, help="override 28 layers (bench)")
+    parser.add_argument("--variants", default="int4,int8")
+    parser.add_argument("--out", type=Path, default=repo_root() / "artifacts")
+    parser.add_argument("--no-parity", action="store_true")
+    args = parser.parse_args(argv)
+    if args.what == "tiny":
+        print(build_tiny_checkpoint(args.out / ".cache" / "tiny-ckpt"))
+        return 0
+    root = ensure_full_shape_artifact(
+        args.out, layers=args.layers, variants=args.variants, parity=not args.no_parity
+    )
+    print(root)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,8 +18,9 @@ from grpc_router.errors import ArtifactError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DEFAULT_FILE = "default"
-# Used when an artifact root has no `default` file: fastest exact variant first (see README).
-VARIANT_PREFERENCE: tuple[str, ...] = ("int4", "int8", "fp32", "fp16")
+# Used when an artifact root has no `default` file: the fastest variant whose logits do not depend
+# on batch neighbours, padding or cached prefixes comes first (see README, "make export").
+VARIANT_PREFERENCE: tuple[str, ...] = ("int8", "int4", "fp32", "fp16")
 _CHUNK = 1 << 20
 
 

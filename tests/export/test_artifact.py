@@ -42,17 +42,22 @@ def test_manifest_describes_the_variant(tiny_artifacts: Path, variant: str) -> N
     assert "<|im_start|>" in tok_config["chat_template"]
     assert manifest.extra["num_layers"] == 2
     quant = manifest.quantization
-    if variant in ("int4", "int8"):
+    if variant == "int4":
         assert quant["method"] == "MatMulNBits"
-        assert quant["bits"] == (4 if variant == "int4" else 8)
-        assert quant["block_size"] == 128
+        assert (quant["bits"], quant["block_size"], quant["accuracy_level"]) == (4, 128, 4)
+    if variant == "int8":
+        assert quant["method"] == "rowwise_dynamic_int8"
+        assert quant["exact"] is True
     assert manifest.parity["checked"] is True
     assert manifest.parity["prompts"] >= 4
 
 
 def test_default_variant_and_resolution(tiny_artifacts: Path) -> None:
-    assert (tiny_artifacts / "default").read_text().strip() == "int4"
-    assert resolve_variant_dir(tiny_artifacts, None) == tiny_artifacts / "int4"
+    assert (tiny_artifacts / "default").read_text().strip() == "int8"
+    assert resolve_variant_dir(tiny_artifacts, None) == tiny_artifacts / "int8"
+    (tiny_artifacts / "default").unlink()  # the session copy: fall back to the documented order
+    assert resolve_variant_dir(tiny_artifacts, None) == tiny_artifacts / "int8"
+    (tiny_artifacts / "default").write_text("int8\n")
     assert resolve_variant_dir(tiny_artifacts, "fp32") == tiny_artifacts / "fp32"
     assert resolve_variant_dir(tiny_artifacts / "int8", None) == tiny_artifacts / "int8"
     with pytest.raises(ArtifactError, match="available: fp16, fp32, int4, int8"):
