@@ -32,21 +32,9 @@ from grpc_router.config import parse_config
 from grpc_router.core import Router
 from grpc_router.extproc import ExtProcSettings
 from grpc_router.types import Decision, Message, RouteSpec
-from tests.mesh.harness import http_body, http_headers, start_ext_proc_server
+from tests.mesh.harness import http_body, http_headers, start_ext_proc_server, two_route_config
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports"
-CONFIG = {
-    "routes": [
-        {"name": "code_generation", "description": "Writing code.", "models": ["coder"]},
-        {"name": "general_chat", "description": "Anything else.", "models": ["general"]},
-    ],
-    "models": {
-        "coder": {"base_url": "http://127.0.0.1:9/v1", "model": "qwen2.5-coder-7b"},
-        "general": {"base_url": "http://127.0.0.1:9/v1", "model": "qwen2.5-7b"},
-    },
-    "default_route": "general_chat",
-    "default_model": "general",
-}
 
 
 class ConstantEngine:
@@ -70,7 +58,7 @@ class ConstantEngine:
 
 def _serve(rewrite: bool, ports: Any) -> None:
     async def main() -> None:
-        router = Router(parse_config(CONFIG, Path("bench.yaml")), ConstantEngine())
+        router = Router(parse_config(two_route_config(), Path("bench.yaml")), ConstantEngine())
         settings = ExtProcSettings(enabled=True, rewrite_model=rewrite)
         server, port = await start_ext_proc_server(router, settings)
         ports.put(port)

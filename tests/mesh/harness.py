@@ -26,6 +26,24 @@ from grpc_router.extproc import ExtProcSettings, RouterLike, register_ext_proc
 T = TypeVar("T")
 
 
+def two_route_config(**sections: Any) -> dict[str, Any]:
+    """A minimal router config (code_generation -> coder, general_chat -> general) as parsed
+    YAML; the upstreams are never called, ext_proc only routes."""
+    return {
+        "routes": [
+            {"name": "code_generation", "description": "Writing code.", "models": ["coder"]},
+            {"name": "general_chat", "description": "Anything else.", "models": ["general"]},
+        ],
+        "models": {
+            "coder": {"base_url": "http://127.0.0.1:9/v1", "model": "qwen2.5-coder-7b"},
+            "general": {"base_url": "http://127.0.0.1:9/v1", "model": "qwen2.5-7b"},
+        },
+        "default_route": "general_chat",
+        "default_model": "general",
+        **sections,
+    }
+
+
 class LoopThread:
     """An asyncio loop in a daemon thread; `run` executes a coroutine on it and waits."""
 

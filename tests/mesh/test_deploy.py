@@ -58,10 +58,18 @@ def _find(kind: str, name: str) -> dict[str, Any]:
     raise AssertionError(f"no {kind} {name} in {K8S}")
 
 
+def _router_configs() -> dict[str, AppConfig]:
+    data = _find("ConfigMap", "grpc-router-config")["data"]
+    return {
+        key: parse_config(yaml.safe_load(text), K8S / "configmap.yaml" / key)
+        for key, text in data.items()
+    }
+
+
 @pytest.fixture(scope="module")
 def router_config() -> AppConfig:
-    text = _find("ConfigMap", "grpc-router-config")["data"]["config.yaml"]
-    return parse_config(yaml.safe_load(text), K8S / "configmap.yaml")
+    """The sidecar's (CPU int8) config; the one envoy.yaml and the EnvoyFilter pair with."""
+    return _router_configs()["config.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -204,10 +212,20 @@ def test_kubernetes_objects_validate_strictly() -> None:
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
-def test_configmap_holds_a_valid_router_config(router_config: AppConfig) -> None:
-    assert router_config.ext_proc.enabled
-    # kubelet's gRPC probes reach the pod IP, not loopback.
-    assert router_config.server.host == "0.0.0.0"
+def test_configmap_holds_valid_router_configs_for_both_variants() -> None:
+    configs = _router_configs()
+    assert set(configs) == {"config.yaml", "config-gpu.yaml"}
+    for key, cfg in configs.items():
+        assert cfg.ext_proc.enabled, key
+        # kubelet's gRPC probes reach the pod IP, not loopback.
+        assert cfg.server.host == "0.0.0.0", key
+        assert cfg.engine.kind == "arch-router", key
+    assert configs["config.yaml"].engine.arch_router.provider == "cpu"
+    assert configs["config.yaml"].engine.arch_router.variant == "int8"
+    assert configs["config-gpu.yaml"].engine.arch_router.variant == "fp16"
+    # Both variants route identically; only the engine differs.
+    assert configs["config.yaml"].routes == configs["config-gpu.yaml"].routes
+    assert configs["config.yaml"].models == configs["config-gpu.yaml"].models
 
 
 @pytest.mark.parametrize("name", ["chat-app", "grpc-router-gpu"])
@@ -229,6 +247,10 @@ def test_router_containers_have_grpc_probes_and_resources(
         assert router["restartPolicy"] == "Always"  # a native sidecar
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "grpc-router-config"
+    mount = next(m["mountPath"] for m in router["volumeMounts"] if m["name"] == "config")
+    config_arg = router["args"][router["args"].index("--config") + 1]
+    assert Path(config_arg).parent == Path(mount)
+    assert Path(config_arg).name in _router_configs()
 
 
 # -- Istio --------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from tests.mesh.harness import (
     wait_for_metric,
 )
 
-VARIANT = "fp32"
+VARIANT = "int4"  # weight-only: exact, and the default CPU variant
 OPENAI = "/v1/chat/completions"
 ANTHROPIC = "/v1/messages"
 PASS = "grpc_router_extproc_pass_through_total"
