@@ -26,7 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from prometheus_client import Counter, Histogram
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grpc_router.chatparse import ChatDialect, parse_chat
 from grpc_router.errors import InvalidArgument, Overloaded, RouterError
@@ -109,6 +109,20 @@ class ExtProcSettings(BaseModel):
         if not _HEADER_NAME.fullmatch(value):
             raise ValueError("must be a lowercase HTTP header name (letters, digits, '-', ...)")
         return value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ExtProcSettings:
+        names = [self.route_header, self.model_header, self.confidence_header]
+        names.append(self.fallback_header)
+        if len(set(names)) != len(names):
+            raise ValueError(
+                "route_header, model_header, confidence_header and fallback_header "
+                "must be four different header names"
+            )
+        overlap = set(self.openai_paths) & set(self.anthropic_paths)
+        if overlap:
+            raise ValueError(f"{sorted(overlap)} listed as both openai_paths and anthropic_paths")
+        return self
 
     @field_validator("openai_paths", "anthropic_paths")
     @classmethod
