@@ -302,6 +302,8 @@ def test_engine_that_cannot_load(
         resp = server.stub.Route(route_request("write some code"), timeout=20)
         assert resp.fallback_used and resp.fallback_reason == pb.FALLBACK_REASON_ENGINE_ERROR
         assert resp.route == "general_chat" and resp.model == "ok_a" and resp.fallback_detail
+        answer = server.stub.Dispatch(pb.DispatchRequest(route=route_request("hi")), timeout=20)
+        assert answer.answered_by == "ok_a" and answer.decision.fallback_used
         cfg["routing"] = {"fail_open": False}
         assert server.reload(cfg)["event"] == "reloaded"
         with pytest.raises(grpc.RpcError) as err:
