@@ -466,3 +466,27 @@ def test_engine_failure_fail_closed(
     }
     assert reply.details == "grpc_router_engine_error"
     assert counted == 1
+
+
+def test_a_slow_engine_hits_the_route_timeout(mesh: Mesh, router: Router) -> None:
+    # The real engine cannot answer within a microsecond (its batcher alone waits longer).
+    channel = mesh.serve(router, failure_mode="closed", route_timeout_s=1e-6)
+    before = metric(FAILURES, reason="engine_timeout", failure_mode="closed")
+    stream = ProcessStream(channel)
+    stream.send(http_headers(OPENAI))
+    response = stream.send(http_body(chat_body()))
+    stream.finish()
+    assert response.immediate_response.status.code == 503
+    assert json.loads(response.immediate_response.body)["error"]["code"] == "engine_timeout"
+    assert metric(FAILURES, reason="engine_timeout", failure_mode="closed") == before + 1
+
+
+def test_disabled_ext_proc_is_not_served(mesh: Mesh, router: Router, loop: LoopThread) -> None:
+    server, port = loop.run(start_ext_proc_server(router, ExtProcSettings(enabled=False)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                ProcessStream(channel).send(http_headers(OPENAI))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        loop.run(server.stop(None))
