@@ -114,6 +114,10 @@ class Rows:
             self.next_pos[i : i + 1],
         )
 
+    def copy(self) -> Rows:
+        """A compact copy that does not keep a larger batch's arrays alive."""
+        return Rows([np.ascontiguousarray(p) for p in self.past], self.mask.copy(), self.next_pos)
+
     @staticmethod
     def stack(rows: Sequence[Rows]) -> Rows:
         """Concatenate rows of equal length along the batch axis."""
@@ -168,24 +172,32 @@ class Outcome:
 
 
 def score_all(
-    session: DecoderSession, trie: Trie, prompt: Rows, root_logits: FloatArray
+    session: DecoderSession,
+    trie: Trie,
+    prompt: Rows,
+    root_logits: FloatArray,
+    *,
+    rows_per_run: int = 8,
 ) -> tuple[Outcome, int]:
     """Greedy route plus normalised P(route) for every answer name.
 
-    One run covers every trie node: each row is one scoring sequence after the prompt's KV,
-    right-padded. The run holds only this prompt's rows, so its layout (and its numbers) never
-    depends on other requests. Returns the outcome and the number of model runs."""
+    Each batch row is one scoring sequence after the prompt's KV (repeated), right-padded;
+    `rows_per_run` bounds the memory of those copies. The runs hold only this prompt's rows,
+    split the same way every time, so the numbers never depend on other requests. Returns the
+    outcome and the number of model runs."""
     seqs = trie.scoring_rows()
     node_logits: dict[int, FloatArray] = {0: root_logits}
-    if not seqs:
-        return _normalise(trie, node_logits), 0
-    logits, _ = extend(session, prompt.take([0] * len(seqs)), seqs)
-    for seq, out in zip(seqs, logits, strict=True):
-        at = 0
-        for d, tok in enumerate(seq):
-            at = trie.descend(at, tok)
-            node_logits.setdefault(at, out[d])
-    return _normalise(trie, node_logits), 1
+    runs = 0
+    for start in range(0, len(seqs), rows_per_run):
+        part = seqs[start : start + rows_per_run]
+        logits, _ = extend(session, prompt.take([0] * len(part)), part)
+        runs += 1
+        for seq, out in zip(part, logits, strict=True):
+            at = 0
+            for d, tok in enumerate(seq):
+                at = trie.descend(at, tok)
+                node_logits.setdefault(at, out[d].copy())
+    return _normalise(trie, node_logits), runs
 
 
 def _normalise(trie: Trie, node_logits: dict[int, FloatArray]) -> Outcome:
@@ -240,16 +252,39 @@ def prompt_rows(
     past: list[npt.NDArray[Any]],
     past_len: int,
     suffixes: Sequence[Sequence[int]],
+    *,
+    chunk_tokens: int = 512,
 ) -> tuple[list[FloatArray], list[Rows]]:
-    """Prefill the suffixes after a shared-length past in one run (right-padded); returns each
-    prompt's last logits and its KV state cut to its own length."""
+    """Prefill the suffixes after a shared-length past, batched and right-padded; returns each
+    prompt's last logits and its KV state cut to its own length.
+
+    Long suffixes go in chunks (a multiple of ALIGN per row, about `chunk_tokens` per run):
+    the graph returns logits for every position, so this bounds that output's memory. A chunk
+    boundary is like a cached-prefix boundary: aligned, it leaves the numbers unchanged."""
     batch = len(suffixes)
-    start = Rows(
+    per_row = max(ALIGN, chunk_tokens // batch // ALIGN * ALIGN)
+    rows = Rows(
         past,
         np.ones((batch, past_len), dtype=np.int64),
         np.full((batch,), past_len, dtype=np.int64),
     )
-    logits, rows = extend(session, start, suffixes, align=ALIGN)
-    return [lg[-1] for lg in logits], [
-        rows.row(i, past_len + len(s)) for i, s in enumerate(suffixes)
-    ]
+    last: dict[int, FloatArray] = {}
+    done: dict[int, Rows] = {}
+    active = list(range(batch))
+    offset = 0
+    while active:
+        pieces = [suffixes[i][offset : offset + per_row] for i in active]
+        logits, rows = extend(session, rows, pieces, align=ALIGN)
+        offset += per_row
+        keep: list[int] = []
+        for r, i in enumerate(active):
+            if len(suffixes[i]) <= offset:
+                last[i] = logits[r][-1].copy()
+                done[i] = rows.row(r, past_len + len(suffixes[i])).copy()
+            else:
+                keep.append(r)
+        del logits
+        if keep and len(keep) < len(active):
+            rows = rows.take(keep)
+        active = [active[r] for r in keep]
+    return [last[i] for i in range(batch)], [done[i] for i in range(batch)]

@@ -75,6 +75,17 @@ class ArchRouterSettings(BaseModel):
         ge=0,
         description="Bound of the per-route-set prefix KV cache in bytes; 0 disables it.",
     )
+    prefill_chunk_tokens: int = Field(
+        default=512,
+        ge=16,
+        description="About how many prompt tokens one prefill run takes (all batch rows "
+        "together); bounds the memory of the per-position logits the graph returns.",
+    )
+    score_rows_per_run: int = Field(
+        default=8,
+        ge=1,
+        description="Trie rows scored per model run; each holds a copy of the prompt's KV.",
+    )
     full_scores: bool = Field(
         default=True,
         description="Score every route plus 'other' by default (a request may turn it off).",
@@ -288,14 +299,9 @@ class ArchRouterEngine:
         entry = self._cache.get(prefix.key, ids)
         hit = entry is not None
         if entry is None:
-            n = len(ids)
-            out = session.run(
-                np.asarray([ids], dtype=np.int64),
-                np.ones((1, n), dtype=np.int64),
-                np.arange(n, dtype=np.int64)[None, :],
-                session.empty_past(1),
-            )
-            entry = PrefixKV(ids, out.present)
+            chunk = self._settings.prefill_chunk_tokens
+            _, (rows,) = prompt_rows(session, session.empty_past(1), 0, [ids], chunk_tokens=chunk)
+            entry = PrefixKV(ids, rows.past)
             self._cache.put(prefix.key, entry)
         for p in group:
             p.cached_tokens = len(ids) if hit else 0
@@ -306,14 +312,24 @@ class ArchRouterEngine:
         assert session is not None
         t0 = time.perf_counter()
         past, past_len = self._prefix_past(group)
-        root, rows = prompt_rows(session, past, past_len, [p.prompt.ids[past_len:] for p in group])
+        root, rows = prompt_rows(
+            session,
+            past,
+            past_len,
+            [p.prompt.ids[past_len:] for p in group],
+            chunk_tokens=self._settings.prefill_chunk_tokens,
+        )
         prefill_ms = (time.perf_counter() - t0) * 1e3
         outcomes: list[Outcome | None] = [None] * len(group)
         trie = group[0].trie
         for i, p in enumerate(group):
             t = time.perf_counter()
-            fn = score_all if p.full_scores else greedy
-            outcomes[i], p.steps = fn(session, trie, rows[i], root[i])
+            if p.full_scores:
+                outcomes[i], p.steps = score_all(
+                    session, trie, rows[i], root[i], rows_per_run=self._settings.score_rows_per_run
+                )
+            else:
+                outcomes[i], p.steps = greedy(session, trie, rows[i], root[i])
             p.timings["score" if p.full_scores else "decode"] = (time.perf_counter() - t) * 1e3
         for p in group:
             p.timings["prefill"] = prefill_ms

@@ -49,7 +49,11 @@ def _same(a: Decision, b: Decision) -> bool:
 def test_batched_cached_and_alone_are_identical(tiny_artifacts: Path, variant: str) -> None:
     async def run() -> None:
         alone = _engine(tiny_artifacts, variant, max_batch_size=1, prefix_cache_bytes=0)
-        batched = _engine(tiny_artifacts, variant, max_batch_size=8, max_wait_us=300_000)
+        # Small prefill chunks: chunk boundaries (which move with the batch size) must not
+        # change the numbers either.
+        batched = _engine(
+            tiny_artifacts, variant, max_batch_size=8, max_wait_us=300_000, prefill_chunk_tokens=128
+        )
         await alone.start()
         await batched.start()
         try:
