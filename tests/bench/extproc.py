@@ -80,6 +80,7 @@ class Scenario:
     method: str
     body: bytes | None
     rewrite: bool = False
+    concurrency: int = 1
 
 
 def _chat(chars: int) -> bytes:
@@ -97,6 +98,7 @@ SCENARIOS = [
     Scenario("chat 2 KiB, headers only", "/v1/chat/completions", "POST", _chat(200)),
     Scenario("chat 32 KiB, headers only", "/v1/chat/completions", "POST", _chat(32_000)),
     Scenario("chat 32 KiB + body rewrite", "/v1/chat/completions", "POST", _chat(32_000), True),
+    Scenario("chat 2 KiB, 16 in flight", "/v1/chat/completions", "POST", _chat(200), False, 16),
 ]
 
 
@@ -114,12 +116,21 @@ async def _one(stub: pb_grpc.ExternalProcessorStub, s: Scenario) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-async def _measure(port: int, s: Scenario, n: int, warmup: int) -> list[float]:
+async def _measure(port: int, s: Scenario, n: int, warmup: int) -> tuple[list[float], float]:
+    """Latencies of n requests (s.concurrency streams in flight) and the wall time in s."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ExternalProcessorStub(channel)
         for _ in range(warmup):
             await _one(stub, s)
-        return [await _one(stub, s) for _ in range(n)]
+
+        async def worker(count: int) -> list[float]:
+            return [await _one(stub, s) for _ in range(count)]
+
+        start = time.perf_counter()
+        per_worker = await asyncio.gather(
+            *(worker(n // s.concurrency) for _ in range(s.concurrency))
+        )
+        return [ms for part in per_worker for ms in part], time.perf_counter() - start
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -146,12 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, s in enumerate(SCENARIOS, 1):
             print(f"[{i}/{len(SCENARIOS)}] {s.name}: {args.requests} requests", flush=True)
             port = servers[s.rewrite][1]
-            ms = asyncio.run(_measure(port, s, args.requests, args.warmup))
+            ms, wall_s = asyncio.run(_measure(port, s, args.requests, args.warmup))
             rows.append(
                 {
                     "scenario": s.name,
                     "body_bytes": len(s.body or b""),
+                    "in_flight": s.concurrency,
                     "requests": len(ms),
+                    "req_per_s": round(len(ms) / wall_s, 1),
                     "p50_ms": round(statistics.median(ms), 3),
                     "p90_ms": round(_pct(ms, 0.90), 3),
                     "p99_ms": round(_pct(ms, 0.99), 3),
@@ -163,14 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             proc.terminate()
             proc.join(10)
 
-    header = ["scenario", "body_bytes", "requests", "p50_ms", "p90_ms", "p99_ms", "mean_ms"]
+    header = list(rows[0])
     lines = [
         "# ext_proc round trip, without the model",
         "",
         "One Envoy-like Process stream per HTTP request over loopback gRPC (headers, then the "
-        "buffered body, each answered before the next), sequential. Engine: a constant stand-in "
-        "(not a router) so that only ext_proc's transport, parsing, policy and mutation cost "
-        "shows.",
+        "buffered body, each answered before the next); `in_flight` streams at once. "
+        "Engine: a constant stand-in (not a router) so that only ext_proc's transport, "
+        "parsing, policy and mutation cost shows.",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
         f"grpcio {grpc.__version__}.",
         "",
