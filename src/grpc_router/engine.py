@@ -23,6 +23,7 @@ from grpc_router.batcher import Batcher, Job
 from grpc_router.decoder import ALIGN, Outcome, Trie, greedy, prompt_rows, score_all
 from grpc_router.errors import EngineUnavailable, RouterError
 from grpc_router.kvcache import PrefixCache, PrefixKV, stack_past
+from grpc_router.metrics import observe_batch_size
 from grpc_router.prompt import Prompt, PromptBuilder, answer_names
 from grpc_router.runtime import DecoderSession
 from grpc_router.types import Decision, Message, Role, RouteSpec
@@ -257,6 +258,7 @@ class ArchRouterEngine:
 
     def _process(self, jobs: list[Job[_Request, Decision]]) -> list[Decision | BaseException]:
         assert self._prompts is not None and self._session is not None
+        observe_batch_size(len(jobs))
         results: list[Decision | BaseException | None] = [None] * len(jobs)
         groups: dict[str, list[_Prepared]] = {}
         for k, job in enumerate(jobs):
