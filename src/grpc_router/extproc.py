@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from grpc_router.chatparse import ChatDialect, parse_chat
 from grpc_router.errors import InvalidArgument, Overloaded, RouterError
-from grpc_router.types import RouteOutcome, RouteRequest
+from grpc_router.types import Message, Role, RouteOutcome, RouteRequest
 
 __all__ = [
     "SERVICE_NAME",
@@ -146,15 +146,27 @@ class _ModelEntry(Protocol):
     def model(self) -> str: ...
 
 
+class _Limits(Protocol):
+    @property
+    def max_messages(self) -> int: ...
+
+    @property
+    def max_content_chars(self) -> int: ...
+
+
 class _RouterConfig(Protocol):
     @property
     def models(self) -> Mapping[str, _ModelEntry]: ...
+
+    @property
+    def limits(self) -> _Limits: ...
 
 
 @runtime_checkable
 class ConfiguredRouter(RouterLike, Protocol):
     """A router that also exposes its config (grpc_router.core.Router does): the body rewrite
-    then writes the model's upstream name (`models.<key>.model`) instead of its key."""
+    then writes the model's upstream name (`models.<key>.model`) instead of its key, and long
+    conversations are fitted to the router's limits instead of passing through."""
 
     @property
     def config(self) -> _RouterConfig: ...
@@ -164,6 +176,18 @@ class ConfiguredRouter(RouterLike, Protocol):
 _ENGINE_FAILURES = frozenset({"engine_error", "engine_timeout", "overloaded"})
 # Beyond route_timeout_s (which the router enforces on its engine), a guard against a hung router.
 _GUARD_S = 1.0
+
+
+_LEADING_ROLES = frozenset({Role.SYSTEM, Role.DEVELOPER})
+_CLIP_MARK = "\n…\n"
+
+
+def _clip(text: str, limit: int) -> str:
+    """At most `limit` characters: the head and the tail (a question often ends a long paste)."""
+    if limit <= len(_CLIP_MARK):
+        return text[:limit]
+    keep = limit - len(_CLIP_MARK)
+    return text[: keep - keep // 2] + _CLIP_MARK + text[len(text) - keep // 2 :]
 
 
 @dataclass(slots=True)
@@ -326,7 +350,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             messages = parse_chat(stream.dialect, document)
         except InvalidArgument as exc:
             return self._pass_through(stream, "invalid_chat", field=exc.field)
-        request = RouteRequest(messages=messages, request_id=stream.request_id)
+        request = RouteRequest(messages=self._fit(messages), request_id=stream.request_id)
         started = time.perf_counter()
         try:
             outcome = await self._route(request)
@@ -449,6 +473,27 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             headers.append(("content-length", str(len(new_body))))
         common.header_mutation.CopyFrom(_set_headers(headers))
         return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def _fit(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
+        """Fit a conversation into the router's limits, as the engine trims its prompt: keep the
+        leading system turns and the latest turns, clip over-long contents (head and tail).
+        Agent conversations routinely exceed a gRPC caller's limits; HTTP callers cannot be
+        asked to shorten them."""
+        if not isinstance(self._router, ConfiguredRouter):
+            return messages
+        limits = self._router.config.limits
+        chars = limits.max_content_chars
+        fitted = [
+            m if len(m.content) <= chars else Message(m.role, _clip(m.content, chars))
+            for m in messages
+        ]
+        if len(fitted) > limits.max_messages:
+            lead = 0
+            while lead < len(fitted) and fitted[lead].role in _LEADING_ROLES:
+                lead += 1
+            lead = min(lead, limits.max_messages // 2)
+            fitted = fitted[:lead] + fitted[len(fitted) - (limits.max_messages - lead) :]
+        return tuple(fitted)
 
     def _upstream_name(self, model_key: str) -> str:
         if isinstance(self._router, ConfiguredRouter):

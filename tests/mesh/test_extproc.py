@@ -490,3 +490,35 @@ def test_disabled_ext_proc_is_not_served(mesh: Mesh, router: Router, loop: LoopT
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         loop.run(server.stop(None))
+
+
+def test_long_agent_conversations_are_fitted_to_the_routers_limits(
+    mesh: Mesh, router: Router, channel: grpc.Channel
+) -> None:
+    limits = router.config.limits
+    turns = [{"role": "system", "content": "You are a coding agent."}]
+    for i in range(limits.max_messages + 40):
+        role = "user" if i % 2 == 0 else "assistant"
+        turns.append({"role": role, "content": f"step {i}: run the tests again"})
+    turns.append({"role": "user", "content": "Now fix the failing SQL query."})
+    # What the router itself accepts: the system turn and the latest turns, within its limits.
+    kept = [turns[0], *turns[len(turns) - (limits.max_messages - 1) :]]
+    roles = {"system": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
+    expected = mesh.route(router, tuple(Message(roles[t["role"]], t["content"]) for t in kept))
+
+    failed = metric(REQUESTS, outcome="failed")
+    stream = ProcessStream(channel)
+    stream.send(http_headers(OPENAI))
+    common = stream.send(http_body({"model": "auto", "messages": turns})).request_body.response
+    stream.finish()
+    assert_routed_headers(header_mutations(common), expected)
+
+    # One message longer than max_content_chars is clipped, not rejected.
+    huge = {"model": "auto", "messages": [{"role": "user", "content": "x" * 50_000 + " why?"}]}
+    assert len(huge["messages"][0]["content"]) > limits.max_content_chars
+    stream = ProcessStream(channel)
+    stream.send(http_headers(OPENAI))
+    common = stream.send(http_body(huge)).request_body.response
+    stream.finish()
+    assert common.clear_route_cache and "x-router-model" in header_mutations(common)
+    assert metric(REQUESTS, outcome="failed") == failed
