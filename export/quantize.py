@@ -4,9 +4,9 @@
 row's result depends on every other row in the call. Here every MatMul with a constant weight
 becomes
 
-    scale_x = max(|x|, axis=-1) / 127              per row (token), float
-    x_q     = uint8(round(x / scale_x) + 128)        (zero point 128: the fast u8 x s8 GEMM)
-    y       = float(MatMulInteger(x_q, w_q, 128)) * scale_w * scale_x
+    scale_x = max(|x|, axis=-1) / 127                     per row (token), float
+    x_q     = QuantizeLinear(x, scale_x, 128, axis=rows)  uint8 (u8 x s8 is the fast GEMM)
+    y       = MatMulIntegerToFloat(x_q, w_q, 1, scale_w, 128) * scale_x
 
 with `w_q` int8 and `scale_w` per output column (symmetric, no zero points). Each row's
 quantization only sees that row, and the int32 accumulation is exact whatever the kernel's
@@ -44,12 +44,11 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> int
             consumers[name] = consumers.get(name, 0) + 1
     shared = {
         "axes": numpy_helper.from_array(np.array([-1], np.int64), "rowwise_q.axes"),
+        "flat": numpy_helper.from_array(np.array([-1], np.int64), "rowwise_q.flat"),
         "qmax": numpy_helper.from_array(np.array(QMAX, np.float32), "rowwise_q.qmax"),
         "floor": numpy_helper.from_array(np.array(MIN_SCALE, np.float32), "rowwise_q.floor"),
-        "lo": numpy_helper.from_array(np.array(-QMAX, np.float32), "rowwise_q.lo"),
-        "hi": numpy_helper.from_array(np.array(QMAX, np.float32), "rowwise_q.hi"),
+        "one": numpy_helper.from_array(np.array(1.0, np.float32), "rowwise_q.one"),
         # uint8 activations with zero point 128: onnxruntime's fast integer GEMM is u8 x s8.
-        "zp_f": numpy_helper.from_array(np.array(128.0, np.float32), "rowwise_q.zp_f"),
         "zp": numpy_helper.from_array(np.array(128, np.uint8), "rowwise_q.zp"),
     }
     new_nodes: list[onnx.NodeProto] = []
@@ -73,7 +72,11 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> int
         graph.initializer.append(numpy_helper.from_array(w_scale, f"{p}.w_scale"))
         if consumers.get(weight_name, 0) == 1:
             replaced.add(weight_name)
+        k = int(init.dims[0])
+        shape_2d = numpy_helper.from_array(np.array([-1, k], np.int64), f"{p}.shape2d")
+        graph.initializer.append(shape_2d)
         new_nodes += [
+            # One scale per row: max |x| over the row / 127 (floored so zero rows stay zero).
             helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}/Abs"),
             helper.make_node(
                 "ReduceMax",
@@ -86,33 +89,39 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> int
             helper.make_node(
                 "Max", [f"{p}.s0", shared["floor"].name], [f"{p}.x_scale"], name=f"{p}/Floor"
             ),
-            helper.make_node("Div", [x, f"{p}.x_scale"], [f"{p}.xs"], name=f"{p}/Div"),
-            helper.make_node("Round", [f"{p}.xs"], [f"{p}.xr"], name=f"{p}/Round"),
+            # Rows flattened to [M, K] so QuantizeLinear's per-axis form applies one scale a row.
             helper.make_node(
-                "Clip",
-                [f"{p}.xr", shared["lo"].name, shared["hi"].name],
-                [f"{p}.xc"],
-                name=f"{p}/Clip",
+                "Reshape", [f"{p}.x_scale", shared["flat"].name], [f"{p}.s1d"], name=f"{p}/S1d"
             ),
-            helper.make_node("Add", [f"{p}.xc", shared["zp_f"].name], [f"{p}.xu"], name=f"{p}/Zp"),
+            helper.make_node("Shape", [f"{p}.s1d"], [f"{p}.rows"], name=f"{p}/Rows"),
             helper.make_node(
-                "Cast", [f"{p}.xu"], [f"{p}.x_q"], to=TensorProto.UINT8, name=f"{p}/Q"
+                "Expand", [shared["zp"].name, f"{p}.rows"], [f"{p}.zp1d"], name=f"{p}/Zp"
             ),
+            helper.make_node("Reshape", [x, shape_2d.name], [f"{p}.x2d"], name=f"{p}/X2d"),
             helper.make_node(
-                "MatMulInteger",
-                [f"{p}.x_q", f"{p}.w_q", shared["zp"].name],
-                [f"{p}.acc"],
-                name=f"{p}/MatMulInteger",
+                "QuantizeLinear",
+                [f"{p}.x2d", f"{p}.s1d", f"{p}.zp1d"],
+                [f"{p}.xq2d"],
+                axis=0,
+                name=f"{p}/Q",
             ),
+            helper.make_node("Shape", [x], [f"{p}.xshape"], name=f"{p}/XShape"),
+            helper.make_node("Reshape", [f"{p}.xq2d", f"{p}.xshape"], [f"{p}.x_q"], name=f"{p}/Xq"),
+            # Exact int32 accumulation; the per-column weight scale is applied per element.
             helper.make_node(
-                "Cast", [f"{p}.acc"], [f"{p}.accf"], to=TensorProto.FLOAT, name=f"{p}/F"
+                "MatMulIntegerToFloat",
+                [f"{p}.x_q", f"{p}.w_q", shared["one"].name, f"{p}.w_scale", shared["zp"].name],
+                [f"{p}.yw"],
+                domain="com.microsoft",
+                name=f"{p}/MatMulIntegerToFloat",
             ),
-            helper.make_node("Mul", [f"{p}.accf", f"{p}.w_scale"], [f"{p}.yw"], name=f"{p}/MulW"),
             helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale"], [y], name=f"{p}/MulX"),
         ]
         count += 1
     if count:
         graph.initializer.extend(shared.values())
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     kept = [init for init in graph.initializer if init.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(kept)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from export.prompt import ROUTING_CASES, chat_messages
 
 
@@ -45,3 +47,26 @@ def test_qwen_tokenizer_dir_holds_the_real_tokenizer(qwen_tokenizer_dir: Path) -
 
     tokenizer = Tokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
     assert tokenizer.token_to_id("<|im_end|>") == 151645
+
+
+def test_bpe_tokenizer_without_shared_uses_the_same_chatml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qwen_tokenizer_dir: Path
+) -> None:
+    from jinja2 import Template
+
+    from export.fixtures import CHATML_FALLBACK, _write_bpe_tokenizer
+
+    monkeypatch.setenv("GRPC_ROUTER_SHARED", str(tmp_path / "absent"))
+    _write_bpe_tokenizer(tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == CHATML_FALLBACK
+    real = json.loads((qwen_tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"]
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "u\nv"},
+        {"role": "assistant", "content": "a"},
+    ]
+    for convo in (messages, messages[1:]):
+        ours = Template(CHATML_FALLBACK).render(messages=convo, add_generation_prompt=True)
+        theirs = Template(real).render(messages=convo, add_generation_prompt=True, tools=None)
+        assert ours == theirs
