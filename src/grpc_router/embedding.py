@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,20 @@ from grpc_router.errors import ArtifactError, EngineUnavailable
 Vector = npt.NDArray[np.float32]
 
 
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    """One text's embedding: the pooled unit vector and its unit token vectors."""
+
+    vector: Vector
+    """(dim,) pooled, unit length."""
+    tokens: Vector
+    """(tokens, dim) contextual token vectors without [CLS]/[SEP], each unit length."""
+    token_count: int
+    """Tokens the model read, special tokens included."""
+
+
 class EmbeddingModel:
-    """A loaded encoder artifact: `embed(text)` -> unit-length float32 vector."""
+    """A loaded encoder artifact: `embed(text)` -> Embedding."""
 
     def __init__(
         self,
@@ -65,38 +78,37 @@ class EmbeddingModel:
         )
         self._inputs = {i.name for i in self._session.get_inputs()}
         self.dimension = int(self._session.get_outputs()[0].shape[-1])
-        self._cache: OrderedDict[str, tuple[Vector, int]] = OrderedDict()
+        self._cache: OrderedDict[str, Embedding] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def embed(self, text: str) -> tuple[Vector, int, bool]:
-        """(embedding, token count, whether it came from the cache)."""
+    def embed(self, text: str) -> tuple[Embedding, bool]:
+        """(embedding, whether it came from the cache)."""
         with self._lock:
             hit = self._cache.get(text)
             if hit is not None:
                 self._cache.move_to_end(text)
-                return hit[0], hit[1], True
-        vector, tokens = self._run(text)
+                return hit, True
+        found = self._run(text)
         with self._lock:
-            self._cache[text] = (vector, tokens)
+            self._cache[text] = found
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return vector, tokens, False
+        return found, False
 
-    def embed_many(self, texts: list[str]) -> Vector:
-        """Rows of embeddings, each computed alone (see the module note)."""
-        if not texts:
-            return np.zeros((0, self.dimension), dtype=np.float32)
-        return np.stack([self.embed(t)[0] for t in texts])
+    def embed_many(self, texts: list[str]) -> list[Embedding]:
+        """Embeddings of `texts`, each computed alone (see the module note)."""
+        return [self.embed(t)[0] for t in texts]
 
-    def _run(self, text: str) -> tuple[Vector, int]:
+    def _run(self, text: str) -> Embedding:
         ids = np.asarray([self._tokenizer.encode(text).ids], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(ids)
-        hidden = self._session.run(None, feeds)[0][0]
+        hidden = np.asarray(self._session.run(None, feeds)[0][0], dtype=np.float32)
         pooled = hidden[0] if self.pooling == "cls" else hidden.mean(axis=0)
-        vector = np.asarray(pooled, dtype=np.float32)
         # Unit length always: the engine compares by cosine, whatever the checkpoint's own head.
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        return vector, int(ids.shape[1])
+        vector = pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+        inner = hidden[1:-1] if hidden.shape[0] > 2 else hidden
+        norms = np.maximum(np.linalg.norm(inner, axis=1, keepdims=True), 1e-12)
+        return Embedding(vector, inner / norms, int(ids.shape[1]))

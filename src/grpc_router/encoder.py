@@ -31,7 +31,7 @@ import numpy.typing as npt
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
-from grpc_router.embedding import EmbeddingModel
+from grpc_router.embedding import Embedding, EmbeddingModel
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
 from grpc_router.phrases import humanize, split_phrases
 from grpc_router.types import OTHER_ROUTE, Decision, Message, Role, RouteSpec
@@ -54,6 +54,11 @@ class EncoderSettings(BaseModel):
     workers: int = Field(
         default=1, ge=1, description="Decisions computed at once (each in its own thread)."
     )
+    turn_threads: int = Field(
+        default=2,
+        ge=1,
+        description="Turns of one conversation embedded in parallel (one text per call each).",
+    )
     max_queue: int = Field(
         default=64, ge=1, description="Decisions waiting beyond this are rejected (Overloaded)."
     )
@@ -63,6 +68,12 @@ class EncoderSettings(BaseModel):
     )
     description_weight: float = Field(
         default=0.5, ge=0.0, description="Weight of the whole-description similarity."
+    )
+    token_weight: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="Weight of token-level matching: each phrase token's best cosine with a "
+        "token of the text, averaged over the phrase (late interaction).",
     )
     context_decay: float = Field(
         default=0.3, ge=0.0, le=1.0, description="Weight factor per earlier user turn."
@@ -102,6 +113,11 @@ class RouteIndex:
     slots: npt.NDArray[np.intp]
     """(routes, most phrases of a route): index into `phrases`, -1 where a route has fewer."""
     counts: npt.NDArray[np.intp]
+    phrase_tokens: npt.NDArray[np.float32]
+    """(all phrases' tokens, dim), phrase after phrase."""
+    token_starts: npt.NDArray[np.intp]
+    """(phrases,) offset of each phrase's first row in `phrase_tokens`."""
+    token_counts: npt.NDArray[np.float64]
 
 
 def route_set_key(routes: Sequence[RouteSpec]) -> str:
@@ -148,9 +164,15 @@ def context_turns(messages: Sequence[Message], limit: int) -> list[tuple[Role, s
     return turns[::-1][:limit]
 
 
-def text_scores(index: RouteIndex, vectors: npt.NDArray[np.float32], s: EncoderSettings) -> Scores:
+def text_scores(index: RouteIndex, texts: Sequence[Embedding], s: EncoderSettings) -> Scores:
     """(texts, routes) route scores of each embedded text."""
+    vectors = np.stack([t.vector for t in texts])
     sims = (vectors @ index.phrases.T).astype(np.float64)
+    if s.token_weight > 0:
+        for i, text in enumerate(texts):
+            best_token = (index.phrase_tokens @ text.tokens.T).max(axis=1)
+            per_phrase = np.add.reduceat(best_token, index.token_starts) / index.token_counts
+            sims[i] += s.token_weight * per_phrase
     padded = np.where(index.slots >= 0, sims[:, index.slots], -np.inf)
     best = -np.sort(-padded, axis=2)
     k = np.minimum(index.counts, s.phrase_top_k)
@@ -158,7 +180,7 @@ def text_scores(index: RouteIndex, vectors: npt.NDArray[np.float32], s: EncoderS
     top = np.where(rank[None, None, :] < k[None, :, None], best, 0.0).sum(axis=2) / k
     whole = (vectors @ index.whole.T).astype(np.float64)
     w = s.description_weight
-    result: Scores = (top + w * whole) / (1.0 + w)
+    result: Scores = (top + w * whole) / (1.0 + s.token_weight + w)
     return result
 
 
@@ -203,6 +225,7 @@ class EncoderEngine:
         self._index_lock = threading.Lock()
         self._indexes: OrderedDict[str, RouteIndex] = OrderedDict()
         self._executor: ThreadPoolExecutor | None = None
+        self._turn_pool: ThreadPoolExecutor | None = None
         self._pending = 0
 
     @property
@@ -235,6 +258,8 @@ class EncoderEngine:
                 cache_size=s.text_cache,
             )
             self._executor = ThreadPoolExecutor(s.workers, thread_name_prefix="encoder")
+            if s.turn_threads > 1:
+                self._turn_pool = ThreadPoolExecutor(s.turn_threads, thread_name_prefix="turns")
             if s.warmup:
                 await asyncio.to_thread(self._model.embed, "Hello, can you help me?")
             log.info("encoder loaded", **self._model.summary, threads=s.threads)
@@ -293,14 +318,15 @@ class EncoderEngine:
         """Route scores of a conversation (before the softmax), tokens embedded, tokens cached."""
         assert self._model is not None
         turns = context_turns(messages, self._settings.max_context_messages)
-        vectors = []
-        tokens = cached = 0
-        for _, text in turns:
-            vector, n, hit = self._model.embed(text)
-            vectors.append(vector)
-            tokens += n
-            cached += n if hit else 0
-        per_text = text_scores(index, np.stack(vectors), self._settings)
+        texts = [text for _, text in turns]
+        if self._turn_pool is not None and len(texts) > 1:
+            results = list(self._turn_pool.map(self._model.embed, texts))
+        else:
+            results = [self._model.embed(t) for t in texts]
+        embedded = [found for found, _ in results]
+        tokens = sum(found.token_count for found in embedded)
+        cached = sum(found.token_count for found, hit in results if hit)
+        per_text = text_scores(index, embedded, self._settings)
         combined, _ = conversation_scores([r for r, _ in turns], per_text, self._settings)
         return combined, tokens, cached
 
@@ -315,22 +341,27 @@ class EncoderEngine:
                 return found
         wholes, phrase_texts, owners = [], [], []
         for i, route in enumerate(routes):
-            whole, phrases = route_texts(route)
+            whole, texts = route_texts(route)
             wholes.append(whole)
-            phrase_texts += phrases
-            owners += [i] * len(phrases)
+            phrase_texts += texts
+            owners += [i] * len(texts)
         counts = np.bincount(np.asarray(owners), minlength=len(routes)).astype(np.intp)
         slots = np.full((len(routes), int(counts.max())), -1, dtype=np.intp)
         fill = np.zeros(len(routes), dtype=np.intp)
         for j, owner in enumerate(owners):
             slots[owner, fill[owner]] = j
             fill[owner] += 1
+        phrases = self._model.embed_many(phrase_texts)
+        token_counts = np.asarray([len(p.tokens) for p in phrases], dtype=np.intp)
         index = RouteIndex(
             names=tuple(r.name for r in routes),
-            whole=self._model.embed_many(wholes),
-            phrases=self._model.embed_many(phrase_texts),
+            whole=np.stack([e.vector for e in self._model.embed_many(wholes)]),
+            phrases=np.stack([p.vector for p in phrases]),
             slots=slots,
             counts=counts,
+            phrase_tokens=np.concatenate([p.tokens for p in phrases]),
+            token_starts=np.concatenate([[0], np.cumsum(token_counts)[:-1]]).astype(np.intp),
+            token_counts=token_counts.astype(np.float64),
         )
         with self._index_lock:
             self._indexes[key] = index
@@ -343,4 +374,7 @@ class EncoderEngine:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        if self._turn_pool is not None:
+            self._turn_pool.shutdown(wait=True)
+            self._turn_pool = None
         self._model = None
