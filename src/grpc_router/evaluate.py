@@ -402,6 +402,72 @@ async def run_eval(
     return metrics
 
 
+def fit_temperature(scores: Sequence[Any], labels: Sequence[int]) -> float:
+    """The softmax temperature minimising the negative log-likelihood of the labels (a grid
+    over 0.002..1, log-spaced): what makes the scores honest probabilities."""
+    best_t, best_nll = 1.0, math.inf
+    for t in np.geomspace(0.002, 1.0, 120):
+        nll = 0.0
+        for row, y in zip(scores, labels, strict=True):
+            z = np.asarray(row, dtype=np.float64) / t
+            z -= z.max()
+            nll -= z[y] - math.log(float(np.exp(z).sum()))
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+async def calibrate_encoder(
+    sets: Sequence[tuple[Path, Path]],
+    *,
+    engine: Any = None,
+    quantile: float = 0.02,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Calibrate the encoder's `temperature` and `other_threshold` on labelled sets.
+
+    temperature: the NLL-optimal softmax temperature over the in-scope cases' route scores.
+    other_threshold: the `quantile` of the in-scope cases' best route score, so that about that
+    share of in-scope cases is given up to `other`; recall on `label: null` cases is reported."""
+    from grpc_router.encoder import EncoderEngine
+    from grpc_router.selection import EngineConfig, resolve_path
+
+    cfg = engine if engine is not None else EngineConfig(kind="encoder")
+    enc = EncoderEngine(resolve_path(cfg.encoder_artifact, Path.cwd()), cfg.encoder)
+    await enc.start()
+    rows: list[Any] = []
+    labels: list[int] = []
+    best_in: list[float] = []
+    best_null: list[float] = []
+    try:
+        for set_path, routes_path in sets:
+            routes = load_routes(routes_path)
+            names = [r.name for r in routes]
+            index = enc.index(routes)
+            for case in load_cases(set_path, routes, limit):
+                scores, _, _ = enc.raw_scores(case.messages, index)
+                if case.label == OTHER_ROUTE:
+                    best_null.append(float(scores.max()))
+                else:
+                    rows.append(scores)
+                    labels.append(names.index(case.label))
+                    best_in.append(float(scores.max()))
+    finally:
+        await enc.close()
+    threshold = float(np.quantile(best_in, quantile))
+    return {
+        "temperature": fit_temperature(rows, labels),
+        "other_threshold": threshold,
+        "quantile": quantile,
+        "in_scope_cases": len(best_in),
+        "in_scope_below_threshold": float(np.mean(np.asarray(best_in) < threshold)),
+        "null_cases": len(best_null),
+        "null_recall_at_threshold": float(np.mean(np.asarray(best_null) < threshold))
+        if best_null
+        else math.nan,
+    }
+
+
 def _write_report(out: Path, stem: str, metrics: dict[str, Any], markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (
@@ -441,6 +507,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     try:
         engine = None if args.target else _engine_config(args)
+        if args.calibrate is not None:
+            found = asyncio.run(
+                calibrate_encoder(
+                    [(args.set, args.routes)],
+                    engine=engine,
+                    quantile=args.calibrate,
+                    limit=args.limit,
+                )
+            )
+            print(json.dumps(found, indent=2))
+            print(
+                "Set engine.encoder.temperature and engine.encoder.other_threshold to these "
+                "values in the config to use them."
+            )
+            return 0
         metrics = asyncio.run(
             run_eval(
                 args.set,
@@ -489,4 +570,14 @@ def register_eval(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--target", default=None, help="host:port of a running server (over gRPC)")
     p.add_argument("--limit", type=int, default=None, help="first N cases only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report dir (default reports/)")
+    p.add_argument(
+        "--calibrate",
+        type=float,
+        nargs="?",
+        const=0.02,
+        default=None,
+        metavar="QUANTILE",
+        help="encoder only: print the NLL-fitted temperature and the other_threshold at this "
+        "quantile of in-scope best scores (default 0.02) instead of evaluating",
+    )
     p.set_defaults(func=_cmd_eval)
