@@ -240,6 +240,11 @@ class ArchRouterEngine:
             cached_tokens=decision.cached_tokens,
         )
 
+    async def warm(self, routes: Sequence[RouteSpec]) -> None:
+        """Compute and cache a route set's prefix KV now (e.g. the configured routes at start),
+        so that its first real request is not the slow one."""
+        await self.decide([Message(Role.USER, "warm-up")], routes, full_scores=False)
+
     async def close(self) -> None:
         self._ready = False
         await asyncio.to_thread(self._batcher.stop)

@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from export.fixtures import build_full_shape_checkpoint, cached_checkpoint, repo_root
-from grpc_router.artifact import list_variants
+from export.fixtures import ensure_full_shape_artifact, full_shape_name, repo_root
 from tests.bench.report import compute_floor, markdown, ratios
 from tests.bench.workload import build_workload, describe
 
@@ -76,23 +75,15 @@ def heavy_lock() -> Iterator[None]:
 
 
 def ensure_artifact(layers: int | None, variants: list[str]) -> tuple[Path, Path]:
-    """The full-shape checkpoint and artifact root, built once and cached under artifacts/."""
-    suffix = "" if layers is None else f"-L{layers}"
+    """The full-shape checkpoint and artifact root, built once by the export fixtures and
+    cached under artifacts/ (parity skipped: it would run PyTorch on the 1.5B model again)."""
     root = repo_root() / "artifacts"
-    say("full-shape checkpoint (random weights, Arch-Router-1.5B shapes, real tokenizer)")
-    ckpt = cached_checkpoint(
-        root / ".cache", f"full-shape{suffix}-ckpt", build_full_shape_checkpoint, layers=layers
+    name = full_shape_name(layers)
+    say(f"artifact {root / name} (random weights, Arch-Router-1.5B shapes, real tokenizer)")
+    artifact = ensure_full_shape_artifact(
+        root, layers=layers, variants=",".join(variants), parity=False
     )
-    name = f"full-shape{suffix}"
-    missing = [v for v in variants if v not in list_variants(root / name)]
-    if missing:
-        say(f"exporting {name} variants {missing} (python -m export; several minutes)")
-        subprocess.run(
-            [sys.executable, "-m", "export", "--model", str(ckpt), "--name", name,
-             "--out", str(root), "--variants", ",".join(missing), "--no-parity"],
-            cwd=repo_root(), check=True,
-        )  # fmt: skip
-    return ckpt, root / name
+    return root / ".cache" / f"{name}-ckpt", artifact
 
 
 def run_worker(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -168,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     report["floor"] = compute_floor(config, shape["long"], report["matmul"])
     report["ratios"] = ratios(report)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"bench-{'full' if args.layers is None else f'L{args.layers}'}"
+    stem = args.out / f"bench-{full_shape_name(args.layers)}"
     text = markdown(report)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(text)

@@ -90,8 +90,10 @@ def test_config_turns_scores_off_and_other_route_sets(tiny_artifacts: Path) -> N
         engine = _engine(tiny_artifacts, "int4", full_scores=False, warmup=False)
         await engine.start()
         try:
+            await engine.warm(ROUTES)
             d = await engine.decide(CONVERSATIONS[0], ROUTES, full_scores=True)
             assert d.scores == {}
+            assert d.cached_tokens > 0  # warm() filled the prefix cache
             two = [RouteSpec("a_route", "first"), RouteSpec("b_route", "second")]
             d2 = await engine.decide(CONVERSATIONS[1], two)
             assert d2.route in {"a_route", "b_route", "other"}
