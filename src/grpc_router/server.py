@@ -19,7 +19,7 @@ from grpc_router.extproc import register_ext_proc
 from grpc_router.interceptors import CallInterceptor
 from grpc_router.selection import build_engine
 from grpc_router.servicer import RouterServicer
-from grpc_router.types import Engine
+from grpc_router.types import Engine, Message, Role
 from grpc_router.v1 import router_pb2, router_pb2_grpc
 
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
@@ -66,6 +66,7 @@ class RouterServer:
             maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         )
         self._stopping = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -126,11 +127,23 @@ class RouterServer:
         except Exception:
             _log.exception("engine failed to start; health stays NOT_SERVING", engine=engine.name)
             return
+        await self._warm_routes()
         if self._stopping.is_set():
             return
         for name in self._services:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info("serving", engine=engine.name)
+
+    async def _warm_routes(self) -> None:
+        """One throw-away decision on the configured route set, so engines that cache per
+        route set (Arch-Router's prefix KV) do not make the first real call pay for it."""
+        routes = self._router.config.route_specs()
+        try:
+            await self._router.engine.decide(
+                [Message(Role.USER, "warm-up")], routes, full_scores=False
+            )
+        except Exception as e:
+            _log.warning("route-set warm-up failed", error=f"{type(e).__name__}: {e}")
 
     def reload(self) -> bool:
         """Re-read the config file and swap it in; a bad file is refused and logged."""
@@ -145,6 +158,10 @@ class RouterServer:
             new = new.model_copy(update={s: getattr(old, s) for s in ignored})
             _log.warning("reload: these sections need a restart; kept as running", sections=ignored)
         self._router.swap_config(new)
+        if new.routes != old.routes and self._router.engine.ready:
+            task = asyncio.get_running_loop().create_task(self._warm_routes())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         logs.configure(new.logging.level)
         _log.info("reloaded", routes=[r.name for r in new.routes], models=sorted(new.models))
         return True
