@@ -486,3 +486,13 @@ def test_upstream_and_fallback_metrics(live: Live) -> None:
     assert 'grpc_router_upstream_errors_total{model="refused",reason="connect"}' in text
     assert 'grpc_router_upstream_seconds_count{model="ok_a"}' in text
     assert "grpc_router_fallbacks_total{reason=" in text
+
+
+def test_content_logged_only_when_debug_content_logging_is_on(live: Live) -> None:
+    live.configure(logging={"level": "debug", "log_content": True})
+    mark = len(live.server.lines)
+    live.server.stub.Route(route_request("visible-text-5521", request_id="dbg-1"), timeout=30)
+    line = live.server.wait_for(
+        lambda e: e.get("event") == "call" and e.get("request_id") == "dbg-1", start=mark
+    )
+    assert line["messages"] == [["user", "visible-text-5521"]]
