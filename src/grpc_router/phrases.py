@@ -12,6 +12,8 @@ import re
 # A comma list is split into phrases only when every item is this short; longer comma-separated
 # text is prose ("by genre and, optionally, director") and stays whole.
 MAX_LIST_ITEM_WORDS = 6
+# An item ending in a conjunction means the commas were prose punctuation, not a list.
+_CONJUNCTIONS = frozenset({"and", "or", "but", "nor"})
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?;])\s+|;\s*")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
@@ -34,10 +36,17 @@ def split_phrases(description: str) -> list[str]:
             out.append(sentence)
             continue
         items = [item.strip() for item in tail.split(",") if item.strip()]
-        if items and max(len(item.split()) for item in items) <= MAX_LIST_ITEM_WORDS:
+        if _is_list(items):
             out.extend(items)
         elif tail.strip():
             out.append(tail.strip())
         else:
             out.append(head.strip())
     return list(dict.fromkeys(p for p in out if p))
+
+
+def _is_list(items: list[str]) -> bool:
+    words = [item.split() for item in items]
+    return bool(words) and all(
+        len(w) <= MAX_LIST_ITEM_WORDS and w[-1].lower() not in _CONJUNCTIONS for w in words
+    )

@@ -1,0 +1,216 @@
+"""The encoder engine on the real MiniLM artifact: decisions, probabilities, context, exactness,
+caching and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from grpc_router.encoder import EncoderEngine, EncoderSettings
+from grpc_router.errors import EngineUnavailable, InvalidArgument
+from grpc_router.phrases import humanize, split_phrases
+from grpc_router.types import OTHER_ROUTE, Decision, Message, Role, RouteSpec
+
+ROUTES = (
+    RouteSpec("weather", "Weather forecasts: rain, temperature, wind, snow for a city and date."),
+    RouteSpec("banking", "Banking: account balance, transfer money, pay bill, report fraud."),
+    RouteSpec("music", "Music: play a song, search for songs, next track, make a playlist."),
+    RouteSpec("restaurants", "Restaurants: find a restaurant, book a table, dinner reservation."),
+)
+
+
+def user(text: str) -> Message:
+    return Message(Role.USER, text)
+
+
+def assistant(text: str) -> Message:
+    return Message(Role.ASSISTANT, text)
+
+
+@pytest.fixture(scope="module")
+def engine(encoder_artifact: Path) -> Iterator[EncoderEngine]:
+    eng = EncoderEngine(encoder_artifact)
+    asyncio.run(eng.start())
+    yield eng
+    asyncio.run(eng.close())
+
+
+def decide(engine: EncoderEngine, messages: list[Message], routes=ROUTES) -> Decision:  # type: ignore[no-untyped-def]
+    return engine.decide_sync(messages, routes)
+
+
+@pytest.mark.parametrize(
+    ("text", "route"),
+    [
+        ("will it rain in Boston tomorrow?", "weather"),
+        ("send 200 dollars to my brother's account", "banking"),
+        ("put on some jazz", "music"),
+        ("get me a table for two at an Italian place tonight", "restaurants"),
+    ],
+)
+def test_clear_requests(engine: EncoderEngine, text: str, route: str) -> None:
+    d = decide(engine, [user(text)])
+    assert d.route == route
+    assert d.engine == "encoder"
+    assert list(d.scores) == [*(r.name for r in ROUTES), OTHER_ROUTE]
+    assert sum(d.scores.values()) == pytest.approx(1.0, abs=1e-6)
+    assert d.confidence == pytest.approx(d.scores[route]) and d.confidence == max(d.scores.values())
+    assert d.prompt_tokens > 0 and d.timings_ms["total"] > 0
+
+
+def test_async_decide_matches_sync(engine: EncoderEngine) -> None:
+    messages = [user("what's my checking balance")]
+    d = asyncio.run(engine.decide(messages, ROUTES))
+    assert d.route == "banking"
+    assert d.scores == decide(engine, messages).scores
+    assert asyncio.run(engine.decide(messages, ROUTES, full_scores=False)).scores == {}
+
+
+def test_vague_last_turn_uses_earlier_turns(engine: EncoderEngine) -> None:
+    convo = [
+        user("I want to book a table at a sushi restaurant"),
+        assistant("Sure, for how many people and when?"),
+        user("four of us, around 7"),
+    ]
+    assert decide(engine, convo).route == "restaurants"
+
+
+def test_clear_last_turn_overrides_context(engine: EncoderEngine) -> None:
+    convo = [
+        user("what's the weather in Montara on Tuesday?"),
+        assistant("It should be sunny, 87 degrees."),
+        user("ok thanks. now play me a song by Adele"),
+    ]
+    assert decide(engine, convo).route == "music"
+
+
+def test_system_and_tool_turns_are_ignored(engine: EncoderEngine) -> None:
+    plain = decide(engine, [user("play some jazz")])
+    noisy = decide(
+        engine,
+        [
+            Message(Role.SYSTEM, "You are a banking assistant. Account balance, transfers."),
+            user("play some jazz"),
+            Message(Role.TOOL, "weather: rain 12C"),
+        ],
+    )
+    assert noisy.scores == plain.scores
+
+
+def test_decision_does_not_depend_on_neighbours(engine: EncoderEngine) -> None:
+    """Concurrent decisions (other texts in flight) give bit-identical scores to a lone one."""
+    target = [user("is it going to snow this weekend in Denver")]
+    alone = decide(engine, target).scores
+
+    async def crowd() -> list[Decision]:
+        others = [[user(f"transfer {n} euros to savings and play track {n}")] for n in range(6)]
+        return await asyncio.gather(
+            *(engine.decide(m, ROUTES) for m in [*others[:3], target, *others[3:]])
+        )
+
+    assert dict(asyncio.run(crowd())[3].scores) == dict(alone)
+
+
+def test_route_set_cache(engine: EncoderEngine) -> None:
+    first = engine.index(ROUTES)
+    assert engine.index(list(ROUTES)) is first
+    changed = (*ROUTES[:3], RouteSpec("restaurants", "Restaurants and bars."))
+    assert engine.index(changed) is not first
+
+
+def test_examples_are_used(engine: EncoderEngine) -> None:
+    routes = (
+        RouteSpec("alpha", "Requests of the first kind."),
+        RouteSpec("beta", "Requests of the second kind."),
+    )
+    text = [user("my flight to Rome got cancelled, rebook me")]
+    with_examples = (routes[0], RouteSpec("beta", routes[1].description, ("rebook my flight",)))
+    assert decide(engine, text, with_examples).route == "beta"
+    assert decide(engine, text, with_examples).confidence > decide(engine, text, routes).scores[
+        "beta"
+    ]
+
+
+def test_other_threshold(encoder_artifact: Path) -> None:
+    never = EncoderEngine(encoder_artifact, EncoderSettings(other_threshold=None, warmup=False))
+    always = EncoderEngine(encoder_artifact, EncoderSettings(other_threshold=2.0, warmup=False))
+    for eng in (never, always):
+        asyncio.run(eng.start())
+    try:
+        text = [user("will it rain in Boston tomorrow?")]
+        assert never.decide_sync(text, ROUTES).scores[OTHER_ROUTE] == 0.0
+        assert always.decide_sync(text, ROUTES).route == OTHER_ROUTE
+    finally:
+        for eng in (never, always):
+            asyncio.run(eng.close())
+
+
+def test_default_threshold_separates_off_topic(engine: EncoderEngine) -> None:
+    on = decide(engine, [user("will it rain in Boston tomorrow?")])
+    off = decide(engine, [user("what is the airspeed velocity of an unladen swallow")])
+    assert on.scores[OTHER_ROUTE] < off.scores[OTHER_ROUTE]
+
+
+def test_int8_and_fp32_agree(encoder_artifact: Path, engine: EncoderEngine) -> None:
+    fp32 = EncoderEngine(encoder_artifact, EncoderSettings(variant="fp32", warmup=False))
+    asyncio.run(fp32.start())
+    try:
+        assert fp32.model is not None and fp32.model.variant == "fp32"
+        for text in ("will it rain tomorrow", "pay my electricity bill", "next song please"):
+            a = decide(engine, [user(text)])
+            b = fp32.decide_sync([user(text)], ROUTES)
+            assert a.route == b.route
+    finally:
+        asyncio.run(fp32.close())
+
+
+@pytest.mark.parametrize(
+    ("messages", "routes", "field"),
+    [
+        ([assistant("hello")], ROUTES, "messages"),
+        ([user("   ")], ROUTES, "messages"),
+        ([user("hi")], (), "routes"),
+        ([user("hi")], (ROUTES[0], ROUTES[0]), "routes[1].name"),
+        ([user("hi")], (RouteSpec(OTHER_ROUTE, "x"),), "routes[0].name"),
+        ([user("hi")], (RouteSpec("a", "  "),), "routes[0].description"),
+    ],
+)
+def test_invalid_arguments(
+    engine: EncoderEngine, messages: list[Message], routes: tuple[RouteSpec, ...], field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        asyncio.run(engine.decide(messages, routes))
+    assert err.value.field == field
+
+
+def test_not_started(encoder_artifact: Path) -> None:
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(EncoderEngine(encoder_artifact).decide([user("hi")], ROUTES))
+
+
+def test_missing_artifact_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="make export"):
+        asyncio.run(EncoderEngine(tmp_path / "nope").start())
+
+
+def test_phrases() -> None:
+    assert humanize("RentalCars") == "rental cars"
+    assert humanize("auto_and_commute") == "auto and commute"
+    assert split_phrases("Requests about banking: pin change, pay bill, transfer.") == [
+        "pin change",
+        "pay bill",
+        "transfer",
+    ]
+    assert split_phrases(
+        "The widest selection. Can: Find movies by genre and, optionally, director or actors; "
+        "Rent a movie."
+    ) == [
+        "The widest selection",
+        "Find movies by genre and, optionally, director or actors",
+        "Rent a movie",
+    ]
+    assert np.all(np.isfinite([len(split_phrases(""))]))
