@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from grpc_router.embedding import Embedding, EmbeddingModel
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
@@ -54,8 +55,14 @@ class EncoderSettings(BaseModel):
     workers: int = Field(
         default=1, ge=1, description="Decisions computed at once (each in its own thread)."
     )
+    blas_threads: int | None = Field(
+        default=1,
+        ge=1,
+        description="numpy BLAS threads, process-wide, while the engine runs: the score "
+        "matrices are small and BLAS worker threads only add wake-up latency. None leaves it.",
+    )
     turn_threads: int = Field(
-        default=2,
+        default=1,
         ge=1,
         description="Turns of one conversation embedded in parallel (one text per call each).",
     )
@@ -229,6 +236,7 @@ class EncoderEngine:
         self._indexes: OrderedDict[str, RouteIndex] = OrderedDict()
         self._executor: ThreadPoolExecutor | None = None
         self._turn_pool: ThreadPoolExecutor | None = None
+        self._blas_limit: threadpool_limits | None = None
         self._pending = 0
 
     @property
@@ -260,6 +268,8 @@ class EncoderEngine:
                 max_length=s.max_length,
                 cache_size=s.text_cache,
             )
+            if s.blas_threads is not None:
+                self._blas_limit = threadpool_limits(limits=s.blas_threads, user_api="blas")
             self._executor = ThreadPoolExecutor(s.workers, thread_name_prefix="encoder")
             if s.turn_threads > 1:
                 self._turn_pool = ThreadPoolExecutor(s.turn_threads, thread_name_prefix="turns")
@@ -380,4 +390,7 @@ class EncoderEngine:
         if self._turn_pool is not None:
             self._turn_pool.shutdown(wait=True)
             self._turn_pool = None
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+            self._blas_limit = None
         self._model = None
