@@ -211,3 +211,51 @@ def onnx_parity(
         "routes_parsed": sum(c["torch_route"] is not None for c in cases),
         "cases": cases,
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m export.parity CHECKPOINT ARTIFACT_ROOT [--variants ...]`: re-run the parity
+    check of existing variants against their checkpoint; prints a Markdown table and JSON."""
+    import argparse
+
+    from export.progress import Progress, markdown_table
+    from grpc_router.artifact import list_variants, load_artifact
+
+    parser = argparse.ArgumentParser(prog="python -m export.parity")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("artifact_root", type=Path)
+    parser.add_argument("--variants", default=None, help="comma-separated (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the reports here")
+    args = parser.parse_args(argv)
+    progress = Progress(prefix="parity")
+    variants = args.variants.split(",") if args.variants else list_variants(args.artifact_root)
+    with progress.step("PyTorch reference"):
+        refs = torch_reference(args.checkpoint)
+        tokenizer, _ = encode_cases(args.checkpoint, [])
+    eos = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    reports: dict[str, Any] = {}
+    for variant in variants:
+        manifest = load_artifact(args.artifact_root / variant, verify_hashes=False)
+        with progress.step(f"{variant}"):
+            reports[variant] = onnx_parity(
+                args.artifact_root / variant / manifest.model_file, refs, tokenizer, eos
+            )
+    rows = [
+        [
+            v,
+            f"{r['max_abs_logit_diff']:.3g}",
+            f"{r['max_kl']:.3g}",
+            f"{r['greedy_token_agreement']:.0%}",
+            f"{r['greedy_route_agreement']:.0%}",
+        ]
+        for v, r in reports.items()
+    ]
+    headers = ["variant", "max abs logit diff", "max KL", "greedy tokens", "greedy route"]
+    print(markdown_table(headers, rows))
+    if args.json:
+        args.json.write_text(json.dumps(reports, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,7 +15,9 @@ tiling, so a row's output is bit-identical alone, padded, batched or after a cac
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -24,18 +26,66 @@ from onnx import TensorProto, helper, numpy_helper
 QMAX = 127.0
 # Floor of a row's scale so an all-zero row (padding) quantizes to zeros, not NaN.
 MIN_SCALE = 1e-30
+# Weights are read and quantized this many bytes of float32 at a time (memory stays flat).
+CHUNK_BYTES = 64 << 20
+INLINE_MAX_BYTES = 1024
+ALIGN = 4096  # external data offsets page-aligned so onnxruntime can map them
+_DATA_FIELDS = (
+    "raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+    "string_data",
+)  # fmt: skip
 
 
-def _quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] float -> int8 [K, N] and float32 scale [N] (symmetric, per output column)."""
-    scale = np.abs(weight).max(axis=0).astype(np.float32) / np.float32(QMAX)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
-    q = np.clip(np.rint(weight / scale), -QMAX, QMAX).astype(np.int8)
-    return q, scale
+class TensorSource:
+    """Reads initializers of a graph loaded without its external data, one at a time."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.memmap(
+            self.base_dir / info["location"],
+            dtype=dtype,
+            mode="r",
+            offset=int(info.get("offset", 0)),
+            shape=tuple(tensor.dims),
+        )
 
 
-def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> int:
-    """Rewrite `model` in place; returns how many MatMuls were quantized."""
+def _row_chunks(weight: np.ndarray) -> Iterator[np.ndarray]:
+    rows = max(1, CHUNK_BYTES // max(1, weight.shape[1] * 4))
+    for start in range(0, weight.shape[0], rows):
+        yield np.asarray(weight[start : start + rows], dtype=np.float32)
+
+
+def column_scales(weight: np.ndarray) -> np.ndarray:
+    """Symmetric int8 scale per output column of a [K, N] weight (streamed over rows)."""
+    peak = np.zeros(weight.shape[1], np.float32)
+    for chunk in _row_chunks(weight):
+        np.maximum(peak, np.abs(chunk).max(axis=0), out=peak)
+    scale = peak / np.float32(QMAX)
+    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
+def quantized_chunks(weight: np.ndarray, scale: np.ndarray) -> Iterator[bytes]:
+    for chunk in _row_chunks(weight):
+        yield np.clip(np.rint(chunk / scale), -QMAX, QMAX).astype(np.int8).tobytes()
+
+
+def _placeholder(name: str, data_type: int, dims: Sequence[int]) -> onnx.TensorProto:
+    tensor = onnx.TensorProto()
+    tensor.name, tensor.data_type = name, data_type
+    tensor.dims.extend(dims)
+    return tensor
+
+
+def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> dict[str, str]:
+    """Rewrite `model`'s graph in place. The new `<w>.w_q` / `<w>.w_scale` initializers are
+    left empty; returns {new initializer name: fp32 weight name} for `write_weights` to fill."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     consumers: dict[str, int] = {}
@@ -53,6 +103,7 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> int
     }
     new_nodes: list[onnx.NodeProto] = []
     replaced: set[str] = set()
+    plan: dict[str, str] = {}
     count = 0
     for node in graph.node:
         weight_name = node.input[1] if node.op_type == "MatMul" else ""
@@ -67,9 +118,9 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> int
             continue
         x, y = node.input[0], node.output[0]
         p = f"{node.name or y}/rowwise_q"
-        w_q, w_scale = _quantize_weight(numpy_helper.to_array(init))
-        graph.initializer.append(numpy_helper.from_array(w_q, f"{p}.w_q"))
-        graph.initializer.append(numpy_helper.from_array(w_scale, f"{p}.w_scale"))
+        graph.initializer.append(_placeholder(f"{p}.w_q", TensorProto.INT8, init.dims))
+        graph.initializer.append(_placeholder(f"{p}.w_scale", TensorProto.FLOAT, init.dims[1:]))
+        plan[f"{p}.w_q"] = plan[f"{p}.w_scale"] = weight_name
         if consumers.get(weight_name, 0) == 1:
             replaced.add(weight_name)
         k = int(init.dims[0])
@@ -122,19 +173,76 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> int
         graph.initializer.extend(shared.values())
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    kept = [init for init in graph.initializer if init.name not in replaced]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    for index in reversed(range(len(graph.initializer))):  # in place: no copies of weights
+        if graph.initializer[index].name in replaced:
+            del graph.initializer[index]
     del graph.node[:]
     graph.node.extend(new_nodes)
-    return count
+    return plan
+
+
+def _write_aligned(handle: BinaryIO, pieces: Iterator[bytes]) -> tuple[int, int]:
+    offset = -handle.tell() % ALIGN + handle.tell()
+    handle.seek(offset)
+    length = 0
+    for piece in pieces:
+        handle.write(piece)
+        length += len(piece)
+    return offset, length
+
+
+def write_weights(
+    model: onnx.ModelProto, source: TensorSource, originals: dict[str, onnx.TensorProto],
+    plan: dict[str, str], data_path: Path,
+) -> None:  # fmt: skip
+    """Fill the planned int8 weights and move every sizeable initializer into `data_path`,
+    one tensor at a time."""
+    scales: dict[str, np.ndarray] = {}
+    with data_path.open("wb") as handle:
+        for tensor in model.graph.initializer:
+            if tensor.name in plan:
+                weight = source.array(originals[plan[tensor.name]])
+                if plan[tensor.name] not in scales:
+                    scales[plan[tensor.name]] = column_scales(weight)
+                scale = scales[plan[tensor.name]]
+                if tensor.data_type == TensorProto.INT8:
+                    pieces = quantized_chunks(weight, scale)
+                else:
+                    pieces = iter([scale.tobytes()])
+            else:
+                array = source.array(tensor)
+                if (
+                    array.nbytes <= INLINE_MAX_BYTES
+                    and tensor.data_location != TensorProto.EXTERNAL
+                ):
+                    continue
+                pieces = (chunk.tobytes() for chunk in np.array_split(array.reshape(-1), 64))
+            offset, length = _write_aligned(handle, pieces)
+            for field in _DATA_FIELDS:
+                tensor.ClearField(field)
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (
+                ("location", data_path.name),
+                ("offset", offset),
+                ("length", length),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
 
 
 def quantize_rowwise_int8(fp32_model: Path, out_path: Path) -> int:
-    """Load the fp32 graph, rewrite its weight MatMuls, save with external data."""
-    from export.decoder import save_model
-
-    model = onnx.load(str(fp32_model))
-    count = rowwise_int8(model)
-    save_model(model, out_path)
-    return count
+    """Rewrite the fp32 graph with row-wise int8 MatMuls, streaming its weights from disk (peak
+    memory: one chunk, not the model); returns the number of weights quantized."""
+    model = onnx.load(str(fp32_model), load_external_data=False)
+    originals: dict[str, onnx.TensorProto] = {}
+    for tensor in model.graph.initializer:  # rowwise_int8 drops these from the graph
+        if len(tensor.dims) == 2 and tensor.data_type == TensorProto.FLOAT:
+            originals[tensor.name] = onnx.TensorProto()
+            originals[tensor.name].CopyFrom(tensor)
+    plan = rowwise_int8(model)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data_path = out_path.with_name(out_path.name + ".data")
+    write_weights(model, TensorSource(fp32_model.parent), originals, plan, data_path)
+    onnx.save(model, str(out_path))
+    return len(set(plan.values()))

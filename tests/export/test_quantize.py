@@ -1,0 +1,34 @@
+"""Row-wise int8 streams weights from external data and gives the same graph either way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export.decoder import save_model
+from export.parity import DecoderSession
+from export.quantize import quantize_rowwise_int8
+
+
+def test_external_data_input_gives_the_same_int8_model(
+    tiny_artifacts: Path, tmp_path: Path
+) -> None:
+    fp32 = tiny_artifacts / "fp32" / "model.onnx"
+    external = tmp_path / "external" / "model.onnx"
+    save_model(onnx.load(str(fp32)), external)  # every weight in model.onnx.data
+    assert all(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(external), load_external_data=False).graph.initializer
+        if len(t.dims) == 2
+    )
+    count = quantize_rowwise_int8(external, tmp_path / "q" / "model.onnx")
+    assert count == 15  # 2 layers x 7 projections + lm_head
+    graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == count
+    ours = DecoderSession(tmp_path / "q" / "model.onnx")
+    shipped = DecoderSession(tiny_artifacts / "int8" / "model.onnx")
+    ids = np.random.default_rng(1).integers(0, 1000, (1, 33))
+    mask, pos = np.ones_like(ids), np.arange(33)[None]
+    assert np.array_equal(ours.run(ids, mask, pos)[0], shipped.run(ids, mask, pos)[0])
