@@ -96,6 +96,10 @@ class EmbeddingModel:
                 self._cache.popitem(last=False)
         return found, False
 
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def embed_many(self, texts: list[str]) -> list[Embedding]:
         """Embeddings of `texts`, each computed alone (see the module note)."""
         return [self.embed(t)[0] for t in texts]

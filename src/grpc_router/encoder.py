@@ -161,13 +161,15 @@ def validate_routes(routes: Sequence[RouteSpec]) -> None:
         seen.add(route.name)
 
 
-def context_turns(messages: Sequence[Message], limit: int) -> list[tuple[Role, str]]:
+def context_turns(
+    messages: Sequence[Message], limit: int, roles: tuple[Role, ...] = (Role.USER, Role.ASSISTANT)
+) -> list[tuple[Role, str]]:
     """Non-empty user and assistant turns, latest first, starting at the latest user turn's
     neighbourhood; raises when there is no user turn."""
     turns: list[tuple[Role, str]] = [
         (m.role, m.content.strip())
         for m in messages
-        if m.role in (Role.USER, Role.ASSISTANT) and m.content.strip()
+        if m.role in roles and m.content.strip()
     ]
     if not any(role is Role.USER for role, _ in turns):
         raise InvalidArgument("messages", "needs at least one non-empty user message")
@@ -330,7 +332,9 @@ class EncoderEngine:
     def raw_scores(self, messages: Sequence[Message], index: RouteIndex) -> tuple[Scores, int, int]:
         """Route scores of a conversation (before the softmax), tokens embedded, tokens cached."""
         assert self._model is not None
-        turns = context_turns(messages, self._settings.max_context_messages)
+        s = self._settings
+        roles = (Role.USER, Role.ASSISTANT) if s.assistant_weight > 0 else (Role.USER,)
+        turns = context_turns(messages, s.max_context_messages, roles)
         texts = [text for _, text in turns]
         if self._turn_pool is not None and len(texts) > 1:
             results = list(self._turn_pool.map(self._model.embed, texts))
