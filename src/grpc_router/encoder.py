@@ -167,9 +167,7 @@ def context_turns(
     """Non-empty user and assistant turns, latest first, starting at the latest user turn's
     neighbourhood; raises when there is no user turn."""
     turns: list[tuple[Role, str]] = [
-        (m.role, m.content.strip())
-        for m in messages
-        if m.role in roles and m.content.strip()
+        (m.role, m.content.strip()) for m in messages if m.role in roles and m.content.strip()
     ]
     if not any(role is Role.USER for role, _ in turns):
         raise InvalidArgument("messages", "needs at least one non-empty user message")

@@ -130,9 +130,9 @@ def test_examples_are_used(engine: EncoderEngine) -> None:
     text = [user("my flight to Rome got cancelled, rebook me")]
     with_examples = (routes[0], RouteSpec("beta", routes[1].description, ("rebook my flight",)))
     assert decide(engine, text, with_examples).route == "beta"
-    assert decide(engine, text, with_examples).confidence > decide(engine, text, routes).scores[
-        "beta"
-    ]
+    assert (
+        decide(engine, text, with_examples).confidence > decide(engine, text, routes).scores["beta"]
+    )
 
 
 def test_other_threshold(encoder_artifact: Path) -> None:
