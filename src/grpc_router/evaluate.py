@@ -464,7 +464,7 @@ async def calibrate_encoder(
         "null_cases": len(best_null),
         "null_recall_at_threshold": float(np.mean(np.asarray(best_null) < threshold))
         if best_null
-        else math.nan,
+        else None,
     }
 
 
