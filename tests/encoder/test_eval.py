@@ -172,3 +172,21 @@ def test_shared_dev_slice(tmp_path: Path, encoder_artifact: Path) -> None:
         )
     )
     assert m["cases"] == 60 and m["accuracy"] > 0.5
+
+
+def test_calibrate(tmp_path: Path, encoder_artifact: Path) -> None:
+    from grpc_router.evaluate import calibrate_encoder
+
+    cases, routes = write_set(tmp_path)
+    engine = EngineConfig(kind="encoder", encoder_artifact=encoder_artifact)
+    found = asyncio.run(calibrate_encoder([(cases, routes)], engine=engine, quantile=0.5))
+    assert found["in_scope_cases"] == 6 and found["null_cases"] == 1
+    assert found["in_scope_below_threshold"] == 0.5
+    assert 0.002 <= found["temperature"] <= 1.0
+    # The off-topic case scores below the median in-scope case.
+    assert found["null_recall_at_threshold"] == 1.0
+    result = cli(
+        str(cases), "--routes", str(routes), "--calibrate",
+        "--encoder-artifact", str(encoder_artifact),
+    )  # fmt: skip
+    assert result.returncode == 0 and '"other_threshold"' in result.stdout
