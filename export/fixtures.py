@@ -270,13 +270,14 @@ def ensure_full_shape_artifact(
     name = full_shape_name(layers)
     wanted = [v.strip() for v in variants.split(",") if v.strip()]
     root = out / name
-    if set(wanted) <= set(list_variants(root)):
+    missing = [v for v in wanted if v not in list_variants(root)]
+    if not missing:
         return root
     ckpt = cached_checkpoint(
         out / ".cache", f"{name}-ckpt", build_full_shape_checkpoint, layers=layers
     )
     cmd = [sys.executable, "-m", "export", "--model", str(ckpt), "--name", name,
-           "--out", str(out), "--variants", variants]  # fmt: skip
+           "--out", str(out), "--variants", ",".join(missing)]  # fmt: skip
     if not parity:
         cmd.append("--no-parity")
     subprocess.run(cmd, check=True, cwd=repo_root())
