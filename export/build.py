@@ -37,8 +37,8 @@ TARGETS = {
 DEFAULT_REASON = (
     "the default is the fastest exact variant (manifest quantization.exact): row-wise dynamic "
     "int8 keeps integer-GEMM speed and is bit-exact under cached prefixes, padding and batching; "
-    "MatMulNBits int4 (accuracy_level 4) is exact under a cached prefix only (padding/batching "
-    "move logits ~1e-7); quantize_dynamic's per-call activation scale is not offered at all."
+    "MatMulNBits int4 (accuracy_level 4) is faster to decode but a cached prefix, padding or "
+    "batching moves its logits ~1e-7; quantize_dynamic's per-call scale is not offered at all."
 )
 
 
