@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from grpc_router.encoder import EncoderEngine, EncoderSettings
-from grpc_router.errors import EngineUnavailable, InvalidArgument
+from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
 from grpc_router.phrases import humanize, split_phrases
 from grpc_router.types import OTHER_ROUTE, Decision, Message, Role, RouteSpec
 
@@ -219,3 +219,19 @@ def test_phrases() -> None:
         "Check the weather",
         "Get the weather",
     ]
+
+
+def test_full_queue_is_overloaded(encoder_artifact: Path) -> None:
+    eng = EncoderEngine(encoder_artifact, EncoderSettings(max_queue=1, warmup=False))
+
+    async def run() -> list[Decision | BaseException]:
+        await eng.start()
+        try:
+            calls = [eng.decide([user(f"play track {n}")], ROUTES) for n in range(3)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await eng.close()
+
+    first, *rest = asyncio.run(run())
+    assert isinstance(first, Decision) and first.route == "music"
+    assert all(isinstance(r, Overloaded) for r in rest)
