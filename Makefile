@@ -79,6 +79,7 @@ test: install node lint ## lint, then the whole test suite (builds its own tiny 
 bench: install ## benchmark engines vs baselines on the full-shape model (BENCH_ARGS="--layers 4" for a quick run)
 	$(PY) -m tests.bench $(BENCH_ARGS)
 	$(PY) -m tests.bench.extproc
+	$(PY) -m tests.encoder.bench_cascade
 
 eval: install ## routing quality on EVAL_SET with EVAL_ROUTES (EVAL_ARGS="--engine encoder")
 	$(BIN)/grpc-router eval '$(EVAL_SET)' --routes '$(EVAL_ROUTES)' $(EVAL_ARGS)
