@@ -73,7 +73,8 @@ class Trie:
         keep = [
             r for i, r in enumerate(rows) if not (i + 1 < len(rows) and _is_prefix(r, rows[i + 1]))
         ]
-        return keep
+        # Shortest first, so that a run's rows need little padding.
+        return sorted(keep, key=lambda r: (len(r), r))
 
 
 def _is_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

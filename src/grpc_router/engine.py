@@ -77,13 +77,13 @@ class ArchRouterSettings(BaseModel):
         description="Bound of the per-route-set prefix KV cache in bytes; 0 disables it.",
     )
     prefill_chunk_tokens: int = Field(
-        default=512,
+        default=256,
         ge=16,
         description="About how many prompt tokens one prefill run takes (all batch rows "
         "together); bounds the memory of the per-position logits the graph returns.",
     )
     score_rows_per_run: int = Field(
-        default=8,
+        default=4,
         ge=1,
         description="Trie rows scored per model run; each holds a copy of the prompt's KV.",
     )

@@ -149,7 +149,7 @@ def test_trie_rejects_a_path_that_prefixes_another() -> None:
         Trie({"a": (1, 2), "b": (1, 2, 3)})
     trie = Trie({"a": (1, 2), "b": (1, 3, 4), "c": (5, 6)})
     # (1,) is covered by (1, 3): one row fewer to run.
-    assert trie.scoring_rows() == [(1, 3), (5,)]
+    assert trie.scoring_rows() == [(5,), (1, 3)]
 
 
 def test_prefix_cache_is_lru_bounded_in_bytes() -> None:
