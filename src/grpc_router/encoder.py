@@ -4,9 +4,11 @@ Routes: each route is embedded as "name: description" and as each phrase of its 
 (plus its optional `examples:`), once per route set. A text's score for a route is a weighted mix
 of the mean of its best phrase similarities and its whole-description similarity.
 
-Conversation: the latest user turn first, earlier turns as decaying context (assistant turns
-weaker), each turn weighted further by how strongly it matches any route, so that "Okay, thanks."
-adds little and "I'd like to search for songs" decides on its own.
+Conversation: the latest user turn first. When it clearly picks a route on its own (score margin
+`context_margin`), that is the decision and earlier turns are not embedded at all (faster, and a
+topic switch is not dragged back by the old topic). Otherwise earlier turns join as decaying
+context (assistant turns weaker), each turn weighted further by how strongly it matches any route,
+so that "Okay, thanks." adds little.
 
 Probabilities: a softmax over route scores plus an `other` logit at `other_threshold`, at a
 temperature calibrated on labelled data (`grpc-router eval --calibrate`).
@@ -95,6 +97,13 @@ class EncoderSettings(BaseModel):
     )
     max_context_messages: int = Field(
         default=6, ge=1, description="Most recent messages considered (latest user turn first)."
+    )
+    context_margin: float | None = Field(
+        default=0.1,
+        ge=0.0,
+        description="When the latest user turn alone puts its best route this far (in route "
+        "score) ahead of the second, earlier turns are not read: a self-contained request or a "
+        "topic switch decides on its own. None always reads them.",
     )
     # Both calibrated with `grpc-router eval --calibrate` on CLINC150 val + SGD dev pooled:
     # the NLL-optimal temperature, and the 1% quantile of in-scope best route scores (at most
@@ -192,6 +201,14 @@ def text_scores(index: RouteIndex, texts: Sequence[Embedding], s: EncoderSetting
     w = s.description_weight
     result: Scores = (top + w * whole) / (1.0 + s.token_weight + w)
     return result
+
+
+def score_margin(scores: Scores) -> float:
+    """Best minus second-best route score (inf with one route)."""
+    if scores.size < 2:
+        return math.inf
+    top = np.partition(scores, scores.size - 2)[-2:]
+    return float(top[1] - top[0])
 
 
 def conversation_scores(
@@ -333,16 +350,24 @@ class EncoderEngine:
         s = self._settings
         roles = (Role.USER, Role.ASSISTANT) if s.assistant_weight > 0 else (Role.USER,)
         turns = context_turns(messages, s.max_context_messages, roles)
-        texts = [text for _, text in turns]
-        if self._turn_pool is not None and len(texts) > 1:
-            results = list(self._turn_pool.map(self._model.embed, texts))
+        # The latest user turn first: alone, it may decide without the earlier turns.
+        latest = next((i for i, (role, _) in enumerate(turns) if role is Role.USER), 0)
+        first = self._model.embed(turns[latest][1])
+        if s.context_margin is not None:
+            alone = text_scores(index, [first[0]], s)[0]
+            if score_margin(alone) >= s.context_margin:
+                return alone, first[0].token_count, first[0].token_count if first[1] else 0
+        rest = [text for i, (_, text) in enumerate(turns) if i != latest]
+        if self._turn_pool is not None and len(rest) > 1:
+            results = list(self._turn_pool.map(self._model.embed, rest))
         else:
-            results = [self._model.embed(t) for t in texts]
+            results = [self._model.embed(t) for t in rest]
+        results.insert(latest, first)
         embedded = [found for found, _ in results]
         tokens = sum(found.token_count for found in embedded)
         cached = sum(found.token_count for found, hit in results if hit)
-        per_text = text_scores(index, embedded, self._settings)
-        combined, _ = conversation_scores([r for r, _ in turns], per_text, self._settings)
+        per_text = text_scores(index, embedded, s)
+        combined, _ = conversation_scores([r for r, _ in turns], per_text, s)
         return combined, tokens, cached
 
     def index(self, routes: Sequence[RouteSpec]) -> RouteIndex:

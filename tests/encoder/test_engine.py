@@ -89,6 +89,31 @@ def test_clear_last_turn_overrides_context(engine: EncoderEngine) -> None:
     assert decide(engine, convo).route == "music"
 
 
+def test_decisive_latest_turn_skips_earlier_turns(encoder_artifact: Path) -> None:
+    """A latest user turn that clears `context_margin` decides alone: the earlier turns are not
+    embedded (fewer tokens) and cannot pull the decision back; None always reads them."""
+    always = EncoderEngine(encoder_artifact, EncoderSettings(context_margin=None, warmup=False))
+    skip = EncoderEngine(encoder_artifact, EncoderSettings(context_margin=0.0, warmup=False))
+    for eng in (always, skip):
+        asyncio.run(eng.start())
+    try:
+        convo = [
+            user("what's the weather in Montara on Tuesday?"),
+            assistant("It should be sunny, 87 degrees."),
+            user("play me a song by Adele"),
+        ]
+        alone = skip.decide_sync(convo[-1:], ROUTES)
+        fast = skip.decide_sync(convo, ROUTES)
+        assert fast.scores == alone.scores
+        assert fast.prompt_tokens == alone.prompt_tokens
+        full = always.decide_sync(convo, ROUTES)
+        assert full.prompt_tokens > alone.prompt_tokens
+        assert full.scores != alone.scores
+    finally:
+        for eng in (always, skip):
+            asyncio.run(eng.close())
+
+
 def test_system_and_tool_turns_are_ignored(engine: EncoderEngine) -> None:
     plain = decide(engine, [user("play some jazz")])
     noisy = decide(
