@@ -191,6 +191,23 @@ def _write_aligned(handle: BinaryIO, pieces: Iterator[bytes]) -> tuple[int, int]
     return offset, length
 
 
+def all_tensors(
+    graph: onnx.GraphProto, *, top: bool = True
+) -> Iterator[tuple[onnx.TensorProto, bool]]:
+    """(tensor, is a top-level initializer) for initializers and tensor attributes (Constant
+    values), subgraphs included."""
+    for tensor in graph.initializer:
+        yield tensor, top
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t, False
+            for tensor in attr.tensors:
+                yield tensor, False
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                yield from all_tensors(sub, top=False)
+
+
 def write_weights(
     model: onnx.ModelProto, source: TensorSource, originals: dict[str, onnx.TensorProto],
     plan: dict[str, str], data_path: Path,
@@ -199,8 +216,9 @@ def write_weights(
     one tensor at a time."""
     scales: dict[str, np.ndarray] = {}
     with data_path.open("wb") as handle:
-        for tensor in model.graph.initializer:
-            if tensor.name in plan:
+        for tensor, initializer in all_tensors(model.graph):
+            external = tensor.data_location == TensorProto.EXTERNAL
+            if initializer and tensor.name in plan:
                 weight = source.array(originals[plan[tensor.name]])
                 if plan[tensor.name] not in scales:
                     scales[plan[tensor.name]] = column_scales(weight)
@@ -209,14 +227,18 @@ def write_weights(
                     pieces = quantized_chunks(weight, scale)
                 else:
                     pieces = iter([scale.tobytes()])
-            else:
+            elif external or initializer:
                 array = source.array(tensor)
-                if (
-                    array.nbytes <= INLINE_MAX_BYTES
-                    and tensor.data_location != TensorProto.EXTERNAL
-                ):
+                if array.nbytes <= INLINE_MAX_BYTES:
+                    if external:  # small ones inline: shape inference needs their values
+                        raw = np.ascontiguousarray(array).tobytes()
+                        del tensor.external_data[:]
+                        tensor.data_location = TensorProto.DEFAULT
+                        tensor.raw_data = raw
                     continue
                 pieces = (chunk.tobytes() for chunk in np.array_split(array.reshape(-1), 64))
+            else:
+                continue  # inline attribute tensors stay inline
             offset, length = _write_aligned(handle, pieces)
             for field in _DATA_FIELDS:
                 tensor.ClearField(field)

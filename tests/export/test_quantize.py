@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.decoder import save_model
 from export.parity import DecoderSession
-from export.quantize import quantize_rowwise_int8
+from export.quantize import all_tensors, quantize_rowwise_int8
 
 
 def test_external_data_input_gives_the_same_int8_model(
@@ -17,12 +16,19 @@ def test_external_data_input_gives_the_same_int8_model(
 ) -> None:
     fp32 = tiny_artifacts / "fp32" / "model.onnx"
     external = tmp_path / "external" / "model.onnx"
-    save_model(onnx.load(str(fp32)), external)  # every weight in model.onnx.data
-    assert all(
-        t.data_location == onnx.TensorProto.EXTERNAL
-        for t in onnx.load(str(external), load_external_data=False).graph.initializer
-        if len(t.dims) == 2
+    external.parent.mkdir()
+    # Every tensor, Constant values included (as Optimum writes a >2 GB model), in one file.
+    onnx.save_model(
+        onnx.load(str(fp32)),
+        str(external),
+        save_as_external_data=True,
+        location="model.onnx_data",
+        size_threshold=0,
+        convert_attribute=True,
     )
+    graph = onnx.load(str(external), load_external_data=False).graph
+    constants = [a.t for n in graph.node for a in n.attribute if a.HasField("t")]
+    assert constants and all(t.data_location == onnx.TensorProto.EXTERNAL for t in constants)
     count = quantize_rowwise_int8(external, tmp_path / "q" / "model.onnx")
     assert count == 15  # 2 layers x 7 projections + lm_head
     graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
@@ -32,3 +38,12 @@ def test_external_data_input_gives_the_same_int8_model(
     ids = np.random.default_rng(1).integers(0, 1000, (1, 33))
     mask, pos = np.ones_like(ids), np.arange(33)[None]
     assert np.array_equal(ours.run(ids, mask, pos)[0], shipped.run(ids, mask, pos)[0])
+    # Nothing may point at the fp32 model's data file any more.
+    written = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False)
+    locations = {
+        e.value
+        for t in all_tensors(written.graph)
+        for e in t[0].external_data
+        if e.key == "location"
+    }
+    assert locations == {"model.onnx.data"}
