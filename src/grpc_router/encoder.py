@@ -4,11 +4,10 @@ Routes: each route is embedded as "name: description" and as each phrase of its 
 (plus its optional `examples:`), once per route set. A text's score for a route is a weighted mix
 of the mean of its best phrase similarities and its whole-description similarity.
 
-Conversation: the latest user turn first. When it clearly picks a route on its own (score margin
-`context_margin`), that is the decision and earlier turns are not embedded at all (faster, and a
-topic switch is not dragged back by the old topic). Otherwise earlier turns join as decaying
-context (assistant turns weaker), each turn weighted further by how strongly it matches any route,
-so that "Okay, thanks." adds little.
+Conversation: turns are read latest first, earlier turns as decaying context (assistant turns
+weaker), each turn weighted further by how strongly it matches any route, so that "Okay, thanks."
+adds little. Reading stops as soon as the best route leads by `context_margin`: a request that is
+clear on its own decides alone (faster, and a topic switch is not dragged back to the old topic).
 
 Probabilities: a softmax over route scores plus an `other` logit at `other_threshold`, at a
 temperature calibrated on labelled data (`grpc-router eval --calibrate`).
@@ -66,7 +65,8 @@ class EncoderSettings(BaseModel):
     turn_threads: int = Field(
         default=1,
         ge=1,
-        description="Turns of one conversation embedded in parallel (one text per call each).",
+        description="Turns of one conversation embedded in parallel (one text per call "
+        "each); only when context_margin is None, since otherwise turns are read one by one.",
     )
     max_queue: int = Field(
         default=64, ge=1, description="Decisions waiting beyond this are rejected (Overloaded)."
@@ -101,9 +101,9 @@ class EncoderSettings(BaseModel):
     context_margin: float | None = Field(
         default=0.1,
         ge=0.0,
-        description="When the latest user turn alone puts its best route this far (in route "
-        "score) ahead of the second, earlier turns are not read: a self-contained request or a "
-        "topic switch decides on its own. None always reads them.",
+        description="Turns are read latest first and reading stops once the best route is this "
+        "far (in route score) ahead of the second: a self-contained request or a topic switch "
+        "decides on its own, older turns are embedded only when needed. None reads them all.",
     )
     # Both calibrated with `grpc-router eval --calibrate` on CLINC150 val + SGD dev pooled:
     # the NLL-optimal temperature, and the 1% quantile of in-scope best route scores (at most
@@ -350,24 +350,30 @@ class EncoderEngine:
         s = self._settings
         roles = (Role.USER, Role.ASSISTANT) if s.assistant_weight > 0 else (Role.USER,)
         turns = context_turns(messages, s.max_context_messages, roles)
-        # The latest user turn first: alone, it may decide without the earlier turns.
-        latest = next((i for i, (role, _) in enumerate(turns) if role is Role.USER), 0)
-        first = self._model.embed(turns[latest][1])
-        if s.context_margin is not None:
-            alone = text_scores(index, [first[0]], s)[0]
-            if score_margin(alone) >= s.context_margin:
-                return alone, first[0].token_count, first[0].token_count if first[1] else 0
-        rest = [text for i, (_, text) in enumerate(turns) if i != latest]
-        if self._turn_pool is not None and len(rest) > 1:
-            results = list(self._turn_pool.map(self._model.embed, rest))
+        turn_roles = [role for role, _ in turns]
+        if s.context_margin is None:
+            texts = [text for _, text in turns]
+            if self._turn_pool is not None and len(texts) > 1:
+                results = list(self._turn_pool.map(self._model.embed, texts))
+            else:
+                results = [self._model.embed(t) for t in texts]
+            per_text = text_scores(index, [found for found, _ in results], s)
+            combined, _ = conversation_scores(turn_roles, per_text, s)
         else:
-            results = [self._model.embed(t) for t in rest]
-        results.insert(latest, first)
-        embedded = [found for found, _ in results]
-        tokens = sum(found.token_count for found in embedded)
+            # Latest first, one turn at a time (the latest user turn at least), until the
+            # combined scores clear the margin: older turns are embedded only when needed.
+            first = next((i for i, role in enumerate(turn_roles) if role is Role.USER), 0)
+            results, rows = [], []
+            for j, (_, text) in enumerate(turns):
+                results.append(self._model.embed(text))
+                rows.append(text_scores(index, [results[-1][0]], s)[0])
+                if j < first:
+                    continue
+                combined, _ = conversation_scores(turn_roles[: j + 1], np.stack(rows), s)
+                if score_margin(combined) >= s.context_margin:
+                    break
+        tokens = sum(found.token_count for found, _ in results)
         cached = sum(found.token_count for found, hit in results if hit)
-        per_text = text_scores(index, embedded, s)
-        combined, _ = conversation_scores([r for r, _ in turns], per_text, s)
         return combined, tokens, cached
 
     def index(self, routes: Sequence[RouteSpec]) -> RouteIndex:
