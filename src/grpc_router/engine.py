@@ -128,7 +128,6 @@ class _Prepared:
     prompt: Prompt
     trie: Trie
     full_scores: bool
-    past_len: int = 0
     cached_tokens: int = 0
     steps: int = 0
     timings: dict[str, float] = field(default_factory=dict)
