@@ -191,6 +191,7 @@ def export_decoder(
             fp32_model = export_fp32(ckpt.path, work)
         refs: list[Any] = []
         tokenizer: Any = None
+        base: dict[str, Any] | None = None
         eos = int(_decoder_facts(ckpt.config)["eos_token_id"] or -1)
         if opts.parity:
             from export.parity import encode_cases, torch_reference
@@ -202,6 +203,9 @@ def export_decoder(
                 with progress.step("parity fp32 base graph"):
                     base = _variant_parity("fp32", fp32_model, refs, tokenizer, eos)
                     _gate("fp32", base, opts)
+                progress.info(
+                    f"fp32 base graph vs PyTorch: max |logit diff| {base['max_abs_logit_diff']:.2e}"
+                )
         for variant in opts.variants:
             start = time.perf_counter()
             with ArtifactBuilder(root / variant) as builder:
@@ -219,6 +223,8 @@ def export_decoder(
                     with progress.step(f"{variant}: parity"):
                         report = _variant_parity(variant, model_path, refs, tokenizer, eos)
                     _gate(variant, report, opts)
+                    if base is not None:  # the fp32 graph this variant was derived from
+                        report["fp32_base"] = {k: v for k, v in base.items() if k != "cases"}
                 with progress.step(f"{variant}: hash + manifest"):
                     builder.write_manifest(
                         kind="decoder",
