@@ -43,7 +43,11 @@ def test_variant_parity_is_reported(tiny_artifacts: Path, variant: str) -> None:
         keys = {"prefill_max_abs_diff", "prefill_kl", "decode_max_abs_diff", "decode_kl"}
         assert keys <= set(case)
         assert case["prefill_kl"] >= 0 and case["decode_kl"] >= 0
-    assert 0.0 <= parity["greedy_route_agreement"] <= 1.0
+    agreement = parity["greedy_route_agreement"]
+    if parity["routes_parsed"] == 0:  # random weights rarely answer a route: no fake 100%
+        assert agreement is None
+    else:
+        assert 0.0 <= agreement <= 1.0
     assert "gate" in parity
 
 
