@@ -70,3 +70,23 @@ def test_disk_too_small(tiny_checkpoint: Path, tmp_path: Path) -> None:
 def test_bad_numbers_are_argparse_errors(flag: str) -> None:
     result = run_export("--model", "x/y", flag, "seven")
     assert result.returncode == 2 and flag in result.stderr
+
+
+def test_make_export_passes_its_variables_to_the_cli() -> None:
+    """`make export` (what users run) forwards MODEL, REVISION, NAME and VARIANTS unchanged."""
+    import shutil
+    import subprocess
+
+    from export.fixtures import repo_root
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(
+        ["make", "-n", "export", "MODEL=/ckpt dir", "REVISION=abc123", "NAME=n", "VARIANTS=int8"],
+        cwd=repo_root(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    assert "-m export --model '/ckpt dir' --revision 'abc123'" in dry
+    assert "--name 'n'" in dry and "--variants 'int8'" in dry
