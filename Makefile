@@ -12,6 +12,7 @@ MODEL ?= katanemo/Arch-Router-1.5B
 REVISION ?=
 NAME ?=
 VARIANTS ?=
+OUT ?= artifacts
 # make serve
 CONFIG ?= examples/routes.yaml
 # make bench
@@ -28,7 +29,7 @@ PROTO_STAMP := src/grpc_router/v1/.stamp
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "  variables: MODEL=$(MODEL) REVISION= NAME= VARIANTS= CONFIG=$(CONFIG) BENCH_ARGS= EVAL_SET= EVAL_ROUTES="
+	@echo "  variables: MODEL=$(MODEL) REVISION= NAME= VARIANTS= OUT=$(OUT) CONFIG=$(CONFIG) BENCH_ARGS= EVAL_SET= EVAL_ROUTES="
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,9 +47,9 @@ $(PROTO_STAMP): $(PROTO_SRC) $(VENV)/.installed
 
 proto: $(PROTO_STAMP) ## generate the Python stubs from protos/
 
-export: install ## export MODEL (hub id or local dir) to artifacts/NAME/<variant>/ (VARIANTS=int4,int8,fp16,fp32)
+export: install ## export MODEL (hub id or local dir) to OUT/NAME/<variant>/ (VARIANTS=int8,int4,fp16,fp32)
 	$(PY) -m export --model '$(MODEL)' $(if $(REVISION),--revision '$(REVISION)') \
-		$(if $(NAME),--name '$(NAME)') $(if $(VARIANTS),--variants '$(VARIANTS)')
+		$(if $(NAME),--name '$(NAME)') $(if $(VARIANTS),--variants '$(VARIANTS)') --out '$(OUT)'
 
 export-encoder: install ## export the bundled all-MiniLM-L6-v2 encoder (offline) to artifacts/minilm/
 	$(PY) -m export --model minilm --name minilm
