@@ -43,13 +43,6 @@ MAX_STOP_SEQUENCES = 4
 
 
 @dataclass(frozen=True, slots=True)
-class RoutedOutcome(RouteOutcome):
-    """A RouteOutcome with a human-readable detail of an engine failure (never content)."""
-
-    fallback_detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class Dispatched:
     """A Dispatch call's answer: the routing outcome and the model's completion."""
 
@@ -193,7 +186,7 @@ class Router:
             raise EngineUnavailable(f"{reason}: {detail}")
         route = cfg.default_route
         metrics.DECISIONS.labels(route).inc()
-        return RoutedOutcome(
+        return RouteOutcome(
             route=route,
             model=cfg.model_chain(route)[0],
             confidence=0.0,

@@ -10,7 +10,7 @@ import grpc
 
 from grpc_router import logs
 from grpc_router.config import AppConfig
-from grpc_router.core import RoutedOutcome, Router
+from grpc_router.core import Router
 from grpc_router.dispatch import Attempt, GenerationParams, StreamDelta, StreamEnd, Usage
 from grpc_router.errors import InvalidArgument
 from grpc_router.types import Message, Role, RouteOutcome, RouteRequest, RouteSpec
@@ -63,7 +63,7 @@ def route_response_to_pb(
         scores=[pb.RouteScore(route=k, probability=v) for k, v in outcome.scores.items()],
         fallback_used=outcome.fallback_used,
         fallback_reason=_FALLBACKS.get(outcome.fallback_reason, pb.FALLBACK_REASON_UNSPECIFIED),
-        fallback_detail=outcome.fallback_detail if isinstance(outcome, RoutedOutcome) else "",
+        fallback_detail=outcome.fallback_detail,
         engine=outcome.engine,
         timings=pb.Timings(
             queue_ms=t.get("queue", 0.0), engine_ms=t.get("engine", 0.0), total_ms=total_ms

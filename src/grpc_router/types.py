@@ -111,6 +111,8 @@ class RouteOutcome:
     fallback_reason: str = ""
     """Empty, or one of: "other", "below_threshold", "engine_error", "engine_timeout",
     "overloaded", "unknown_route"."""
+    fallback_detail: str = ""
+    """Why the engine failed, for operators (never message content); empty otherwise."""
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     decision: Decision | None = None
     """The engine's raw decision; None when the engine failed and the router failed open."""
