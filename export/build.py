@@ -24,6 +24,7 @@ from export.errors import ExportError
 from export.manifest import ArtifactBuilder, scratch_dir, set_default_variant
 from export.progress import Progress, human_size
 from export.source import Checkpoint
+from export.streamline import streamline_file
 from grpc_router.artifact import list_variants, pick_default, read_manifest
 
 FREE_BYTES_ENV = "GRPC_ROUTER_EXPORT_FREE_BYTES"
@@ -189,6 +190,9 @@ def export_decoder(
     with scratch_dir(root, "base") as work:
         with progress.step("load checkpoint + export fp32 graph (optimum)"):
             fp32_model = export_fp32(ckpt.path, work)
+        with progress.step("streamline the graph (attention masks, grouped heads, logits)"):
+            streamlined = streamline_file(fp32_model, ckpt.config).as_dict()
+        progress.info(f"streamline: {streamlined}")
         refs: list[Any] = []
         tokenizer: Any = None
         base: dict[str, Any] | None = None
@@ -234,7 +238,11 @@ def export_decoder(
                         model_file=MODEL_FILE,
                         quantization=opts.settings.for_variant(variant),
                         parity=report,
-                        extra={**_decoder_facts(ckpt.config), "targets": TARGETS[variant]},
+                        extra={
+                            **_decoder_facts(ckpt.config),
+                            "targets": TARGETS[variant],
+                            "streamline": streamlined,
+                        },
                         **graph_facts(model_path),
                     )
             final = root / variant

@@ -264,13 +264,18 @@ def ensure_full_shape_artifact(
     import subprocess
     import sys
 
-    from grpc_router.artifact import list_variants
+    from grpc_router.artifact import list_variants, read_manifest
 
     out = Path(out) if out is not None else repo_root() / "artifacts"
     name = full_shape_name(layers)
     wanted = [v.strip() for v in variants.split(",") if v.strip()]
     root = out / name
-    missing = [v for v in wanted if v not in list_variants(root)]
+    # Variants exported before the serving rewrites (export/streamline.py) are rebuilt.
+    missing = [
+        v
+        for v in wanted
+        if v not in list_variants(root) or "streamline" not in read_manifest(root / v).extra
+    ]
     if not missing:
         return root
     ckpt = cached_checkpoint(
