@@ -132,10 +132,16 @@ class Rows:
 
 
 def extend(
-    session: DecoderSession, rows: Rows, tokens: Sequence[Sequence[int]], *, align: int = 1
+    session: DecoderSession,
+    rows: Rows,
+    tokens: Sequence[Sequence[int]],
+    *,
+    align: int = 1,
+    last_only: bool = False,
 ) -> tuple[list[FloatArray], Rows]:
     """Feed each row its tokens (right-padded to a multiple of `align`) in one run; return
-    each row's logits."""
+    each row's logits: at every new position, or with `last_only` at its last real one (the
+    graph then computes logits for the fewest last positions that cover every row's last)."""
     width = -(-max(len(t) for t in tokens) // align) * align
     ids = np.full((rows.batch, width), PAD_ID, dtype=np.int64)
     new_mask = np.zeros((rows.batch, width), dtype=np.int64)
@@ -144,9 +150,13 @@ def extend(
         new_mask[i, : len(t)] = 1
     positions = rows.next_pos[:, None] + np.arange(width, dtype=np.int64)[None, :]
     mask = np.concatenate([rows.mask, new_mask], axis=1)
-    out = session.run(ids, mask, positions, rows.past)
+    keep = width - min(len(t) for t in tokens) + 1 if last_only else 0
+    out = session.run(ids, mask, positions, rows.past, keep=keep)
     counts = np.asarray([len(t) for t in tokens], dtype=np.int64)
-    logits = [out.logits[i, : len(t)] for i, t in enumerate(tokens)]
+    if last_only:  # out.logits[:, j] is position width - keep + j
+        logits = [out.logits[i, len(t) - 1 - (width - keep)][None] for i, t in enumerate(tokens)]
+    else:
+        logits = [out.logits[i, : len(t)] for i, t in enumerate(tokens)]
     return logits, Rows(out.present, mask, rows.next_pos + counts)
 
 
@@ -180,12 +190,16 @@ def score_all(
     *,
     rows_per_run: int = 8,
 ) -> tuple[Outcome, int]:
-    """Greedy route plus normalised P(route) for every answer name.
+    """Greedy route plus normalised P(route) for every answer name. Returns the outcome and the
+    number of model runs.
 
-    Each batch row is one scoring sequence after the prompt's KV (repeated), right-padded;
-    `rows_per_run` bounds the memory of those copies. The runs hold only this prompt's rows,
-    split the same way every time, so the numbers never depend on other requests. Returns the
-    outcome and the number of model runs."""
+    With a graph that takes `attention_mask_4d`, the whole trie goes in one run after the
+    prompt's KV (`packed_trie_logits`); otherwise each batch row is one scoring sequence after
+    a copy of that KV, right-padded, `rows_per_run` rows a run. Either way the runs hold only
+    this prompt's tokens, laid out the same way every time, so the numbers never depend on
+    other requests."""
+    if session.has_mask4d:
+        return _normalise(trie, packed_trie_logits(session, trie, prompt, root_logits)), 1
     seqs = trie.scoring_rows()
     node_logits: dict[int, FloatArray] = {0: root_logits}
     runs = 0
@@ -199,6 +213,48 @@ def score_all(
                 at = trie.descend(at, tok)
                 node_logits.setdefault(at, out[d].copy())
     return _normalise(trie, node_logits), runs
+
+
+def packed_trie_logits(
+    session: DecoderSession, trie: Trie, prompt: Rows, root_logits: FloatArray
+) -> dict[int, FloatArray]:
+    """Logits at every internal trie node from one run: the internal nodes (parents before
+    children) form one sequence after the prompt; each is placed at its depth's position and
+    may attend to the prompt, its ancestors and itself. The prompt's KV is used as it is, not
+    copied per continuation."""
+    order: list[int] = []
+    parent: dict[int, int] = {}
+    stack = [0]
+    while stack:  # depth-first, children by token id: the same layout every time
+        at = stack.pop()
+        for _, child in sorted(trie.nodes[at].children.items(), reverse=True):
+            if trie.nodes[child].children:  # leaves need no logits
+                parent[child] = at
+                stack.append(child)
+        if at:
+            order.append(at)
+    node_logits: dict[int, FloatArray] = {0: root_logits}
+    if not order:
+        return node_logits
+    slot = {node: i for i, node in enumerate(order)}
+    token = {child: tok for n in trie.nodes for tok, child in n.children.items()}
+    past_len, size = prompt.length, len(order)
+    allowed = np.zeros((1, 1, size, past_len + size), dtype=np.int64)
+    allowed[..., :past_len] = prompt.mask[0]
+    for i, node in enumerate(order):
+        at = node
+        while at:
+            allowed[0, 0, i, past_len + slot[at]] = 1
+            at = parent.get(at, 0)
+    ids = np.asarray([[token[n] for n in order]], dtype=np.int64)
+    positions = prompt.next_pos[:, None] + np.asarray(
+        [[trie.nodes[n].depth - 1 for n in order]], dtype=np.int64
+    )
+    mask = np.concatenate([prompt.mask, np.ones((1, size), dtype=np.int64)], axis=1)
+    out = session.run(ids, mask, positions, prompt.past, mask4d=allowed)
+    for i, node in enumerate(order):
+        node_logits[node] = out.logits[0, i].copy()
+    return node_logits
 
 
 def _normalise(trie: Trie, node_logits: dict[int, FloatArray]) -> Outcome:
@@ -243,7 +299,7 @@ def greedy(
             fed.append(only)
         if trie.unique(at):
             return Outcome(trie.nodes[at].routes[0], math.exp(logp), {}), runs
-        out, rows = extend(session, rows, [fed])
+        out, rows = extend(session, rows, [fed], last_only=True)
         logits = out[0][-1]
         runs += 1
 
@@ -260,7 +316,7 @@ def prompt_rows(
     prompt's last logits and its KV state cut to its own length.
 
     Long suffixes go in chunks (a multiple of ALIGN per row, about `chunk_tokens` per run):
-    the graph returns logits for every position, so this bounds that output's memory. A chunk
+    this bounds the activations' memory (and an older graph's every-position logits). A chunk
     boundary is like a cached-prefix boundary: aligned, it leaves the numbers unchanged."""
     batch = len(suffixes)
     per_row = max(ALIGN, chunk_tokens // batch // ALIGN * ALIGN)
@@ -275,7 +331,7 @@ def prompt_rows(
     offset = 0
     while active:
         pieces = [suffixes[i][offset : offset + per_row] for i in active]
-        logits, rows = extend(session, rows, pieces, align=ALIGN)
+        logits, rows = extend(session, rows, pieces, align=ALIGN, last_only=True)
         offset += per_row
         keep: list[int] = []
         for r, i in enumerate(active):

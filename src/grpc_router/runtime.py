@@ -2,6 +2,9 @@
 
 The graph is Optimum's text-generation-with-past export: inputs input_ids, attention_mask,
 position_ids and past_key_values.{i}.key/.value; outputs logits and present.{i}.key/.value.
+Graphs from `make export` also take an optional `logits_to_keep` (export/streamline.py), the
+number of last positions to compute logits for (0: all), and an optional `attention_mask_4d`
+that narrows the causal mask (trie scoring in one sequence).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ log = structlog.get_logger(__name__)
 TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+KEEP_INPUT = "logits_to_keep"
+MASK4D_INPUT = "attention_mask_4d"
 _GPU_HINT = "install onnxruntime-gpu (pip install 'grpc-router[gpu]') on a machine with CUDA"
 
 Int64Array = npt.NDArray[np.int64]
@@ -96,7 +101,7 @@ def choose_provider(
 @dataclass(slots=True)
 class StepOutput:
     logits: FloatArray
-    """[batch, seq, vocab], float32 on the host."""
+    """[batch, seq or the kept last positions, vocab], float32 on the host."""
     present: list[FloatArray]
     """Per layer key then value, [batch, kv_heads, past+seq, head_dim]."""
 
@@ -124,6 +129,10 @@ class DecoderSession:
             kv_shape=kv_shape,
         )
         opts = ort.SessionOptions()
+        if self.choice.name == CPU:
+            # Errors only: the graph's optional inputs (initializers a caller may override)
+            # draw a load-time warning each. GPU sessions keep warnings (nodes that fall back).
+            opts.log_severity_level = 3
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
         if inter_op_threads is not None:
@@ -152,6 +161,10 @@ class DecoderSession:
             f"past_key_values.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")
         ]
         self._out_names = [o.name for o in self.session.get_outputs()]
+        # Optional inputs are initializers a caller may override: not in get_inputs().
+        optional = {i.name for i in self.session.get_overridable_initializers()} | inputs.keys()
+        self.has_keep = KEEP_INPUT in optional
+        self.has_mask4d = MASK4D_INPUT in optional
         log.info(
             "onnxruntime session",
             provider=self.choice.name,
@@ -179,18 +192,32 @@ class DecoderSession:
         attention_mask: Int64Array,
         position_ids: Int64Array,
         past: list[FloatArray],
+        *,
+        keep: int = 0,
+        mask4d: Int64Array | None = None,
     ) -> StepOutput:
+        """One forward pass; `keep` > 0 asks for the logits of the last `keep` positions only
+        (the rest of the work, the KV included, is the same); `mask4d` [batch, 1, seq,
+        past+seq] (graphs with `has_mask4d`) removes what each new token may attend to."""
         feed: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": position_ids,
         }
         feed.update(zip(self._past_names, past, strict=True))
+        if self.has_keep:
+            feed[KEEP_INPUT] = np.asarray(keep, dtype=np.int64)
+        if mask4d is not None:
+            if not self.has_mask4d:
+                raise ArtifactError(f"the graph has no {MASK4D_INPUT} input; re-run make export")
+            feed[MASK4D_INPUT] = mask4d
         if self.choice.name == CPU:
             out = self.session.run(self._out_names, feed)
         else:
             out = self._run_bound(feed)
         logits = np.asarray(out[0], dtype=np.float32)
+        if keep and not self.has_keep:  # an older graph: every position came back
+            logits = logits[:, -keep:]
         return StepOutput(logits, list(out[1:]))
 
     def _run_bound(self, feed: dict[str, Any]) -> list[Any]:

@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpc_router.decoder import ALIGN, Rows, Trie, greedy, prompt_rows, score_all
+from grpc_router.decoder import (
+    ALIGN,
+    Rows,
+    Trie,
+    extend,
+    greedy,
+    packed_trie_logits,
+    prompt_rows,
+    score_all,
+)
 from grpc_router.errors import InvalidArgument
 from grpc_router.kvcache import PrefixCache, PrefixKV
 from grpc_router.prompt import Prompt, PromptBuilder
@@ -78,6 +87,50 @@ def test_constrained_equals_plain_greedy(tiny_artifacts: Path, variant: str) -> 
     assert runs == 2  # after g0 (two children) and after g1 (two children); unique after g2
     scored, _ = score_all(session, trie, rows, root)
     assert scored.route == "target"
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_packed_trie_equals_one_row_per_continuation(tiny_artifacts: Path, variant: str) -> None:
+    """The whole trie in one sequence (tree mask) gives each node the logits it gets when its
+    path is fed on its own after a copy of the prompt's KV."""
+    session, _, prompt = _setup(tiny_artifacts, variant)
+    assert session.has_mask4d and session.has_keep
+    paths = {
+        "a": (7, 9, 11, 3),
+        "b": (7, 9, 12, 3),
+        "c": (7, 13, 3),
+        "d": (8, 3),
+        "e": (14, 15, 16, 17, 3),
+    }
+    trie = Trie(paths)
+    root, rows = _full(session, prompt.ids)  # the graph computed the last position only
+    n = len(prompt.ids)
+    every = session.run(
+        np.asarray([prompt.ids]), np.ones((1, n), np.int64), np.arange(n)[None],
+        session.empty_past(1),
+    )  # fmt: skip
+    assert every.logits.shape[1] == n
+    if variant == "int4":  # not exact: padding to ALIGN moves its last bits
+        np.testing.assert_allclose(root, every.logits[0, -1], rtol=0, atol=1e-4)
+    else:
+        assert np.array_equal(root, every.logits[0, -1])
+    packed = packed_trie_logits(session, trie, rows, root)
+    internal = [i for i, n in enumerate(trie.nodes) if n.children]
+    assert sorted(packed) == internal
+    for seq in trie.scoring_rows():
+        logits, _ = extend(session, rows, [seq])
+        at = 0
+        for d, tok in enumerate(seq):
+            at = trie.descend(at, tok)
+            np.testing.assert_allclose(packed[at], logits[0][d], rtol=0, atol=1e-4)
+    session.has_mask4d = False  # the per-row path, for graphs exported before the 4-D mask
+    by_rows, runs = score_all(session, trie, rows, root, rows_per_run=2)
+    session.has_mask4d = True
+    by_tree, one = score_all(session, trie, rows, root)
+    assert (runs, one) == (3, 1)
+    assert by_tree.route == by_rows.route
+    for name in paths:
+        assert by_tree.scores[name] == pytest.approx(by_rows.scores[name], rel=1e-4)
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
