@@ -38,8 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--baseline-samples",
         type=int,
-        default=2,
-        help="conversations per case kind for the (slow) baselines",
+        default=None,
+        help="conversations per case kind for the (slow) baselines (default: --samples, so "
+        "that the ratios compare the same conversations)",
     )
     p.add_argument("--concurrency", default="1,4,16", help="client counts for decisions/s")
     p.add_argument(
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                  "cold_samples": args.cold_samples, "concurrency": concurrency},
             )  # fmt: skip
         if not args.skip_baselines:
-            base = {**common, "samples": args.baseline_samples}
+            base = {**common, "samples": args.baseline_samples or args.samples}
             say("baseline A: transformers + PyTorch fp32 generate (max_new_tokens 16)")
             report["torch"] = run_worker("torch", {**base, "checkpoint": str(ckpt)})
             for variant in variants:
