@@ -77,15 +77,17 @@ class ArchRouterSettings(BaseModel):
         description="Bound of the per-route-set prefix KV cache in bytes; 0 disables it.",
     )
     prefill_chunk_tokens: int = Field(
-        default=256,
+        default=1024,
         ge=16,
         description="About how many prompt tokens one prefill run takes (all batch rows "
-        "together); bounds the memory of the per-position logits the graph returns.",
+        "together); bounds the attention activations' memory. Every run reads all weights "
+        "once, so fewer, larger runs are faster.",
     )
     score_rows_per_run: int = Field(
         default=4,
         ge=1,
-        description="Trie rows scored per model run; each holds a copy of the prompt's KV.",
+        description="Graphs exported before attention_mask_4d only: trie rows scored per "
+        "model run, each with a copy of the prompt's KV (newer graphs score the trie in one).",
     )
     full_scores: bool = Field(
         default=True,

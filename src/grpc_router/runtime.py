@@ -75,7 +75,13 @@ def choose_provider(
     # One profile spanning single decode steps up to full prompts of a whole batch; the past
     # spans an empty cache (prefill) up to a full prompt.
     def dims(b: int, s: int, past: int) -> str:
-        out = [f"input_ids:{b}x{s}", f"attention_mask:{b}x{past + s}", f"position_ids:{b}x{s}"]
+        out = [
+            f"input_ids:{b}x{s}",
+            f"attention_mask:{b}x{past + s}",
+            f"position_ids:{b}x{s}",
+            # Optional (defaults to one broadcast 1); trie scoring passes [1, 1, s, past + s].
+            f"{MASK4D_INPUT}:{b}x1x{s}x{past + s}",
+        ]
         if kv_shape is not None:
             layers, kv_heads, head_dim = kv_shape
             out += [
