@@ -2,7 +2,8 @@
 
 Routes: each route is embedded as "name: description" and as each phrase of its description
 (plus its optional `examples:`), once per route set. A text's score for a route is a weighted mix
-of the mean of its best phrase similarities and its whole-description similarity.
+of the mean of its best phrase similarities and its whole-description similarity, plus a small
+lexical (BM25) term for the words it shares with the route's text.
 
 Conversation: turns are read latest first, earlier turns as decaying context (assistant turns
 weaker), each turn weighted further by how strongly it matches any route, so that "Okay, thanks."
@@ -35,7 +36,7 @@ from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from grpc_router.embedding import Embedding, EmbeddingModel
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
-from grpc_router.phrases import humanize, split_phrases
+from grpc_router.phrases import bm25_table, humanize, split_phrases, terms
 from grpc_router.types import OTHER_ROUTE, Decision, Message, Role, RouteSpec
 
 log = structlog.get_logger(__name__)
@@ -83,6 +84,12 @@ class EncoderSettings(BaseModel):
         ge=0.0,
         description="Weight of token-level matching: each phrase token's best cosine with a "
         "token of the text, averaged over the phrase (late interaction).",
+    )
+    lexical_weight: float = Field(
+        default=0.004,
+        ge=0.0,
+        description="Weight of the BM25 score of the text's words against each route's "
+        '"name: description" and examples (added to the route score; 0 turns it off).',
     )
     context_decay: float = Field(
         default=0.3, ge=0.0, le=1.0, description="Weight factor per earlier user turn."
@@ -137,6 +144,8 @@ class RouteIndex:
     token_starts: npt.NDArray[np.intp]
     """(phrases,) offset of each phrase's first row in `phrase_tokens`."""
     token_counts: npt.NDArray[np.float64]
+    lexical: dict[str, npt.NDArray[np.float64]]
+    """term -> (routes,) BM25 weight (`phrases.bm25_table`)."""
 
 
 def route_set_key(routes: Sequence[RouteSpec]) -> str:
@@ -183,8 +192,10 @@ def context_turns(
     return turns[::-1][:limit]
 
 
-def text_scores(index: RouteIndex, texts: Sequence[Embedding], s: EncoderSettings) -> Scores:
-    """(texts, routes) route scores of each embedded text."""
+def text_scores(
+    index: RouteIndex, raw: Sequence[str], texts: Sequence[Embedding], s: EncoderSettings
+) -> Scores:
+    """(texts, routes) route scores of each text (`raw`) and its embedding (`texts`)."""
     vectors = np.stack([t.vector for t in texts])
     sims = (vectors @ index.phrases.T).astype(np.float64)
     if s.token_weight > 0:
@@ -200,7 +211,22 @@ def text_scores(index: RouteIndex, texts: Sequence[Embedding], s: EncoderSetting
     whole = (vectors @ index.whole.T).astype(np.float64)
     w = s.description_weight
     result: Scores = (top + w * whole) / (1.0 + s.token_weight + w)
+    if s.lexical_weight > 0:
+        result += s.lexical_weight * lexical_scores(index, raw)
     return result
+
+
+def lexical_scores(index: RouteIndex, raw: Sequence[str]) -> Scores:
+    """(texts, routes) BM25 scores. Exact words are evidence the embedding can miss in long
+    prose descriptions ("bus", "therapist"); the weight stays small because shared words are
+    also what confuses list-style routes ("card" in banking and credit cards)."""
+    out = np.zeros((len(raw), len(index.names)))
+    for i, text in enumerate(raw):
+        for term in set(terms(text)):
+            row = index.lexical.get(term)
+            if row is not None:
+                out[i] += row
+    return out
 
 
 def score_margin(scores: Scores) -> float:
@@ -357,7 +383,7 @@ class EncoderEngine:
                 results = list(self._turn_pool.map(self._model.embed, texts))
             else:
                 results = [self._model.embed(t) for t in texts]
-            per_text = text_scores(index, [found for found, _ in results], s)
+            per_text = text_scores(index, texts, [found for found, _ in results], s)
             combined, _ = conversation_scores(turn_roles, per_text, s)
         else:
             # Latest first, one turn at a time (the latest user turn at least), until the
@@ -366,7 +392,7 @@ class EncoderEngine:
             results, rows = [], []
             for j, (_, text) in enumerate(turns):
                 results.append(self._model.embed(text))
-                rows.append(text_scores(index, [results[-1][0]], s)[0])
+                rows.append(text_scores(index, [text], [results[-1][0]], s)[0])
                 if j < first:
                     continue
                 combined, _ = conversation_scores(turn_roles[: j + 1], np.stack(rows), s)
@@ -408,6 +434,9 @@ class EncoderEngine:
             phrase_tokens=np.concatenate([p.tokens for p in phrases]),
             token_starts=np.concatenate([[0], np.cumsum(token_counts)[:-1]]).astype(np.intp),
             token_counts=token_counts.astype(np.float64),
+            lexical=bm25_table(
+                [" ".join([whole, *r.examples]) for whole, r in zip(wholes, routes, strict=True)]
+            ),
         )
         with self._index_lock:
             self._indexes[key] = index

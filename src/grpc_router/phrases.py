@@ -3,11 +3,19 @@
 A description such as "Requests about banking: freeze account, pin change, pay bill." reads as a
 topic plus a list of intents. A sentence embedding of the whole is a blur of all of them, so each
 listed intent is embedded alone as well and a route scores by its best-matching phrases.
+
+Words count too: `terms` and `bm25_table` give a lexical (BM25) view of the same texts.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
 
 # A comma list is split into phrases only when every item is this short; longer comma-separated
 # text is prose ("by genre and, optionally, director") and stays whole.
@@ -50,3 +58,56 @@ def _is_list(items: list[str]) -> bool:
     return bool(words) and all(
         len(w) <= MAX_LIST_ITEM_WORDS and w[-1].lower() not in _CONJUNCTIONS for w in words
     )
+
+
+# Common English function words (the usual NLTK list): they say nothing about a route.
+_STOPWORD_TEXT = """i me my myself we our ours ourselves you your yours yourself yourselves he him
+    his himself she her hers herself it its itself they them their theirs themselves what which
+    who whom this that these those am is are was were be been being have has had having do does did
+    doing a an the and but if or because as until while of at by for with about against between
+    into through during before after above below to from up down in out on off over under again
+    further then once here there when where why how all any both each few more most other some
+    such no nor not only own same so than too very s t can will just don should now d ll m o re
+    ve y ain aren couldn didn doesn hadn hasn haven isn ma mightn mustn needn shan shouldn wasn
+    weren won wouldn"""
+STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+_WORD = re.compile(r"[a-z0-9]+")
+_SUFFIXES = ("ing", "ed", "es", "s")
+# BM25's usual constants: term-frequency saturation and document-length normalisation.
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+
+def terms(text: str) -> list[str]:
+    """Lower-case content words, crudely stemmed ("bookings" -> "booking" -> "book")."""
+    return [_stem(w) for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+def _stem(word: str) -> str:
+    # One suffix, and only when a stem of three letters or more is left: "flights" -> "flight",
+    # "booking" -> "book", but "gas" stays; no plural "s" after s or u ("status", "address").
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            if suffix == "s" and word[-2] in "su":
+                return word
+            return word[: -len(suffix)]
+    return word
+
+
+def bm25_table(documents: Sequence[str]) -> dict[str, npt.NDArray[np.float64]]:
+    """term -> (documents,) BM25 weight of the term in each document (Okapi BM25; idf over the
+    documents given, so a term found in every route's text weighs almost nothing). A text's
+    score for each document is the sum of the rows of its distinct terms."""
+    docs = [terms(d) for d in documents]
+    n = len(docs)
+    avg = max(sum(len(d) for d in docs) / max(n, 1), 1.0)
+    table: dict[str, npt.NDArray[np.float64]] = {}
+    for j, doc in enumerate(docs):
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * len(doc) / avg)
+        for term, tf in Counter(doc).items():
+            row = table.setdefault(term, np.zeros(n))
+            row[j] = tf * (BM25_K1 + 1) / (tf + norm)
+    for row in table.values():
+        df = int(np.count_nonzero(row))
+        row *= math.log(1 + (n - df + 0.5) / (df + 0.5))
+    return table

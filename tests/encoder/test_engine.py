@@ -11,7 +11,7 @@ import pytest
 
 from grpc_router.encoder import EncoderEngine, EncoderSettings
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
-from grpc_router.phrases import humanize, split_phrases
+from grpc_router.phrases import bm25_table, humanize, split_phrases, terms
 from grpc_router.types import OTHER_ROUTE, Decision, Message, Role, RouteSpec
 
 ROUTES = (
@@ -244,6 +244,35 @@ def test_phrases() -> None:
         "Check the weather",
         "Get the weather",
     ]
+
+
+def test_lexical_terms_and_bm25() -> None:
+    words = ["status", "booking", "flight"]
+    assert terms("What's the status of my Bookings, and flights?") == words
+    assert terms("bus gas buses booked") == ["bus", "gas", "bus", "book"]
+    table = bm25_table(["book a bus", "book a flight, flights", "weather"])
+    assert set(table) == {"book", "bus", "flight", "weather"}
+    # A word every route but one uses weighs less than a word only one route uses.
+    assert 0 < table["book"][0] < table["bus"][0]
+    assert table["bus"][1] == table["bus"][2] == 0
+    # Repeats saturate: twice "flight" scores more than once, less than twice as much.
+    once = bm25_table(["book a bus", "book a flight", "weather"])["flight"][1]
+    assert once < table["flight"][1] < 2 * once
+
+
+def test_lexical_weight_adds_shared_words(encoder_artifact: Path, engine: EncoderEngine) -> None:
+    off = EncoderEngine(encoder_artifact, EncoderSettings(lexical_weight=0.0, warmup=False))
+    asyncio.run(off.start())
+    try:
+        text = [user("pay my bill")]
+        with_words = engine.raw_scores(text, engine.index(ROUTES))[0]
+        without = off.raw_scores(text, off.index(ROUTES))[0]
+        # "pay" and "bill" occur only in banking's description: only banking moves.
+        moved = with_words - without
+        assert moved[1] > 0
+        assert moved[0] == moved[2] == moved[3] == 0
+    finally:
+        asyncio.run(off.close())
 
 
 def test_full_queue_is_overloaded(encoder_artifact: Path) -> None:
