@@ -40,6 +40,7 @@ LOGITS = "logits"
 _PREFIX = "streamline"
 KEEP_START = f"/{_PREFIX}/kept_hidden.start"
 BIAS = f"{_PREFIX}.attn_bias"
+ROW_TILE = 16  # = grpc_router.decoder.ALIGN
 
 
 @dataclass
@@ -326,6 +327,8 @@ def _lm_head(g: _Graph) -> tuple[str, list[onnx.NodeProto]] | None:
 
 
 def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
+    """`logits_to_keep` n: 0 = every position, n > 0 = the last n, -1 = each row's last token
+    whose attention_mask is 1 (right-padded rows: one [batch, 1, vocab] row each)."""
     if LOGITS not in g.outputs or KEEP_INPUT in {i.name for i in g.graph.input}:
         return
     found = _lm_head(g)
@@ -333,39 +336,97 @@ def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
         report.skipped.append("logits_to_keep: lm_head not found")
         return
     hidden, readers = found
-    kept = f"/{_PREFIX}/kept_hidden"
-    axes, axis0, end = f"{_PREFIX}.axes", f"{_PREFIX}.axis0", f"{_PREFIX}.end"
-    g.graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(0, np.int64), KEEP_INPUT),
-            numpy_helper.from_array(np.array([1], np.int64), axes),
-            numpy_helper.from_array(np.array([0], np.int64), axis0),
-            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), end),
-        ]
-    )
+    p = f"/{_PREFIX}/keep"
+    c = {  # constants
+        "axes": np.array([1], np.int64),
+        "axis0": np.array([0], np.int64),
+        "end": np.array([np.iinfo(np.int64).max], np.int64),
+        "zero": np.array(0, np.int64),
+        "one": np.array(1, np.int64),
+        "row_shape": np.array([-1, 1, 1], np.int64),
+        "tile": np.array(ROW_TILE, np.int64),
+        "tile_less_one": np.array(ROW_TILE - 1, np.int64),
+    }
+    names = {k: f"{_PREFIX}.keep.{k}" for k in c}
+    g.graph.initializer.extend(numpy_helper.from_array(v, names[k]) for k, v in c.items())
+    g.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), KEEP_INPUT))
     g.graph.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, []))
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{p}.{out}"], name=f"{p}/{out}", **attrs)
+
+    def v(out: str) -> str:
+        return f"{p}.{out}"
+
     g.insert_before(
         None,
-        [  # start = -n along the sequence axis; n = 0 keeps every position.
-            helper.make_node("Neg", [KEEP_INPUT], [f"{kept}.neg"], name=f"/{_PREFIX}/Neg"),
-            helper.make_node(
-                "Unsqueeze", [f"{kept}.neg", axis0], [KEEP_START], name=f"/{_PREFIX}/Start"
-            ),
+        [
+            # seq = new tokens; last[b] = index among them of row b's last real token.
+            node("Shape", ["input_ids"], "ids_shape"),
+            node("Gather", [v("ids_shape"), names["one"]], "seq", axis=0),
+            node("Shape", ["attention_mask"], "mask_shape"),
+            node("Gather", [v("mask_shape"), names["one"]], "total", axis=0),
+            node("Sub", [v("total"), v("seq")], "past"),
+            node("ReduceSum", ["attention_mask", names["axes"]], "real", keepdims=0),
+            node("Sub", [v("real"), v("past")], "count"),
+            node("Sub", [v("count"), names["one"]], "last"),
+            node("ReduceMin", [v("last")], "first_last", keepdims=0),
+            # ... rounded up to whole 16-row tiles (the engine aligns rows the same way).
+            node("Sub", [v("seq"), v("first_last")], "span"),
+            node("Add", [v("span"), names["tile_less_one"]], "span_up"),
+            node("Div", [v("span_up"), names["tile"]], "tiles"),
+            node("Mul", [v("tiles"), names["tile"]], "tiled"),
+            node("Min", [v("tiled"), v("seq")], "rows_n"),
+            # n = the rows the last layer and lm_head keep; start = -n (0 keeps them all).
+            node("Less", [KEEP_INPUT, names["zero"]], "per_row"),
+            node("Where", [v("per_row"), v("rows_n"), KEEP_INPUT], "n"),
+            node("Neg", [v("n")], "neg"),
+            helper.make_node("Unsqueeze", [v("neg"), names["axis0"]], [KEEP_START], name=f"{p}/S"),
         ],
+    )
+    kept = v("hidden")
+    # Per-row mode: each row's own last position out of the kept window, [batch, 1, hidden].
+    then_graph = helper.make_graph(
+        [
+            node("Sub", [v("seq"), v("n")], "window"),
+            node("Sub", [v("last"), v("window")], "at"),
+            node("Reshape", [v("at"), names["row_shape"]], "at3"),
+            node("Expand", [v("at3"), v("expand_to")], "index"),
+            node("GatherElements", [kept, v("index")], "row_last", axis=1),
+        ],
+        "keep_row_last",
+        [],
+        [helper.make_tensor_value_info(v("row_last"), TensorProto.FLOAT, None)],
+    )
+    else_graph = helper.make_graph(
+        [node("Identity", [kept], "all_kept")],
+        "keep_all",
+        [],
+        [helper.make_tensor_value_info(v("all_kept"), TensorProto.FLOAT, None)],
     )
     first = min(readers, key=lambda n: g.position[id(n)])
     g.insert_before(
         first,
         [
             helper.make_node(
-                "Slice", [hidden, KEEP_START, end, axes], [kept], name=f"/{_PREFIX}/KeepLast"
-            )
+                "Slice", [hidden, KEEP_START, names["end"], names["axes"]], [kept],
+                name=f"{p}/Slice",
+            ),
+            # [batch, 1, hidden] target of the per-row gather's index
+            helper.make_node("Shape", [kept], [v("kdims")], name=f"{p}/kdims"),
+            node("Gather", [v("kdims"), names["axis0"]], "b"),
+            helper.make_node("Shape", [kept], [v("hdim")], name=f"{p}/hdim", start=2),
+            node("Concat", [v("b"), names["axes"], v("hdim")], "expand_to", axis=0),
+            helper.make_node(
+                "If", [v("per_row")], [v("selected")], name=f"{p}/If",
+                then_branch=then_graph, else_branch=else_graph,
+            ),
         ],
-    )
-    for node in readers:
-        for i, name in enumerate(node.input):
+    )  # fmt: skip
+    for reader in readers:
+        for i, name in enumerate(reader.input):
             if name == hidden:
-                node.input[i] = kept
+                reader.input[i] = v("selected")
     report.logits_to_keep = True
 
 
@@ -397,7 +458,7 @@ def _trim_last_layer(g: _Graph, report: StreamlineReport) -> None:
     if residual is None:
         report.skipped.append("last layer: residual Add not found")
         return
-    seq_axis = {2: f"{_PREFIX}.axis2", 1: f"{_PREFIX}.axes"}
+    seq_axis = {2: f"{_PREFIX}.axis2", 1: f"{_PREFIX}.keep.axes"}
     keep_rows = f"{_PREFIX}.keep_rows_shape"
     g.graph.initializer.extend(
         [
@@ -405,7 +466,7 @@ def _trim_last_layer(g: _Graph, report: StreamlineReport) -> None:
             numpy_helper.from_array(np.array([0, 0, -1], np.int64), keep_rows),
         ]
     )
-    end = f"{_PREFIX}.end"
+    end = f"{_PREFIX}.keep.end"
     cuts = [  # (reader, input slot, sequence axis)
         (q_node, 0, 2),  # queries [batch, heads, seq, dim]
         (add, list(add.input).index(BIAS), 2),  # bias [batch, 1, seq, total]
@@ -428,6 +489,16 @@ def _trim_last_layer(g: _Graph, report: StreamlineReport) -> None:
     report.last_layer_trimmed = True
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, including what its subgraphs (If branches) read from outside."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in sub.node:
+                names |= _reads(inner)
+    return names
+
+
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes whose outputs nothing reads (the replaced guards and per-layer masks)."""
     needed = {o.name for o in graph.output}
@@ -435,12 +506,11 @@ def _prune(graph: onnx.GraphProto) -> None:
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(node.input)
+            needed |= _reads(node)
     del graph.node[:]
     graph.node.extend(reversed(keep))
-    used = needed
     for index in reversed(range(len(graph.initializer))):
-        if graph.initializer[index].name not in used:
+        if graph.initializer[index].name not in needed:
             del graph.initializer[index]
 
 

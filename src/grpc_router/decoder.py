@@ -141,7 +141,7 @@ def extend(
 ) -> tuple[list[FloatArray], Rows]:
     """Feed each row its tokens (right-padded to a multiple of `align`) in one run; return
     each row's logits: at every new position, or with `last_only` at its last real one (the
-    graph then computes logits for the fewest last positions that cover every row's last)."""
+    graph then computes only those, and its last layer only the rows that lead to them)."""
     width = -(-max(len(t) for t in tokens) // align) * align
     ids = np.full((rows.batch, width), PAD_ID, dtype=np.int64)
     new_mask = np.zeros((rows.batch, width), dtype=np.int64)
@@ -150,11 +150,13 @@ def extend(
         new_mask[i, : len(t)] = 1
     positions = rows.next_pos[:, None] + np.arange(width, dtype=np.int64)[None, :]
     mask = np.concatenate([rows.mask, new_mask], axis=1)
-    keep = width - min(len(t) for t in tokens) + 1 if last_only else 0
-    out = session.run(ids, mask, positions, rows.past, keep=keep)
+    per_row = last_only and session.has_keep
+    out = session.run(ids, mask, positions, rows.past, keep=-1 if per_row else 0)
     counts = np.asarray([len(t) for t in tokens], dtype=np.int64)
-    if last_only:  # out.logits[:, j] is position width - keep + j
-        logits = [out.logits[i, len(t) - 1 - (width - keep)][None] for i, t in enumerate(tokens)]
+    if per_row:  # [batch, 1, vocab]: each row's last real position
+        logits = [out.logits[i] for i in range(len(tokens))]
+    elif last_only:
+        logits = [out.logits[i, len(t) - 1][None] for i, t in enumerate(tokens)]
     else:
         logits = [out.logits[i, : len(t)] for i, t in enumerate(tokens)]
     return logits, Rows(out.present, mask, rows.next_pos + counts)

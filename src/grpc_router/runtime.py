@@ -202,8 +202,9 @@ class DecoderSession:
         keep: int = 0,
         mask4d: Int64Array | None = None,
     ) -> StepOutput:
-        """One forward pass; `keep` > 0 asks for the logits of the last `keep` positions only
-        (the rest of the work, the KV included, is the same); `mask4d` [batch, 1, seq,
+        """One forward pass; `keep` > 0 asks for the logits of the last `keep` positions only,
+        -1 (graphs with `has_keep`) for each row's last unpadded one, [batch, 1, vocab] (the
+        rest of the work, the KV included, is the same); `mask4d` [batch, 1, seq,
         past+seq] (graphs with `has_mask4d`) removes what each new token may attend to."""
         feed: dict[str, Any] = {
             "input_ids": input_ids,
@@ -222,7 +223,7 @@ class DecoderSession:
         else:
             out = self._run_bound(feed)
         logits = np.asarray(out[0], dtype=np.float32)
-        if keep and not self.has_keep:  # an older graph: every position came back
+        if keep > 0 and not self.has_keep:  # an older graph: every position came back
             logits = logits[:, -keep:]
         return StepOutput(logits, list(out[1:]))
 

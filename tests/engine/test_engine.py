@@ -41,8 +41,16 @@ async def _sequential(engine: ArchRouterEngine, full_scores: bool = True) -> lis
     return [await engine.decide(c, ROUTES, full_scores=full_scores) for c in CONVERSATIONS]
 
 
-def _same(a: Decision, b: Decision) -> bool:
-    return (a.route, a.confidence, dict(a.scores)) == (b.route, b.confidence, dict(b.scores))
+def _same(a: Decision, b: Decision, *, exact: bool = True) -> bool:
+    if exact:
+        return (a.route, a.confidence, dict(a.scores)) == (b.route, b.confidence, dict(b.scores))
+    # int4 (MatMulNBits) is not an exact variant: how many rows a run holds moves its last bits.
+    return (
+        a.route == b.route
+        and a.confidence == pytest.approx(b.confidence, rel=1e-4)
+        and a.scores.keys() == b.scores.keys()
+        and all(a.scores[k] == pytest.approx(b.scores[k], rel=1e-4, abs=1e-9) for k in a.scores)
+    )
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int4", "int8"])
@@ -63,7 +71,8 @@ def test_batched_cached_and_alone_are_identical(tiny_artifacts: Path, variant: s
             warm = await asyncio.gather(*(batched.decide(c, ROUTES) for c in CONVERSATIONS))
             assert batched._batcher.largest_batch > 1  # requests really shared a run
             for ref, c, w in zip(reference, cold, warm, strict=True):
-                assert _same(ref, c) and _same(ref, w)
+                exact = variant != "int4"
+                assert _same(ref, c, exact=exact) and _same(ref, w, exact=exact)
                 assert ref.cached_tokens == 0 and w.cached_tokens > 0
                 assert w.prompt_tokens == ref.prompt_tokens > w.cached_tokens
                 assert ref.engine == "arch-router"

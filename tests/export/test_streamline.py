@@ -102,6 +102,26 @@ def test_logits_to_keep_gives_the_last_positions_exactly(
         assert all(np.array_equal(x, y) for x, y in zip(part[1:], full[1:], strict=True))
 
 
+def test_logits_to_keep_minus_one_gives_each_rows_last_token(
+    raw_and_streamlined: Streamlined,
+) -> None:
+    """-1: right-padded rows of different lengths each get their own last real position."""
+    _, new, _ = raw_and_streamlined
+    session = _session(new)
+    ids = np.random.default_rng(3).integers(3, 200, (3, 24)).astype(np.int64)
+    mask = np.ones_like(ids)
+    lengths = (24, 9, 17)
+    for row, n in enumerate(lengths):
+        mask[row, n:] = 0
+    feed = _feed(session, ids, mask)
+    full = session.run(None, feed)
+    last = session.run(None, {**feed, KEEP_INPUT: np.asarray(-1, np.int64)})
+    assert last[0].shape == (3, 1, full[0].shape[2])
+    for row, n in enumerate(lengths):
+        assert np.array_equal(last[0][row, 0], full[0][row, n - 1])
+    assert all(np.array_equal(x, y) for x, y in zip(last[1:], full[1:], strict=True))
+
+
 def test_a_fully_masked_row_is_finite(
     raw_and_streamlined: tuple[Path, Path, dict[str, object]],
 ) -> None:
