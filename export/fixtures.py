@@ -264,17 +264,19 @@ def ensure_full_shape_artifact(
     import subprocess
     import sys
 
+    from export.streamline import VERSION as STREAMLINE_VERSION
     from grpc_router.artifact import list_variants, read_manifest
 
     out = Path(out) if out is not None else repo_root() / "artifacts"
     name = full_shape_name(layers)
     wanted = [v.strip() for v in variants.split(",") if v.strip()]
     root = out / name
-    # Variants exported before the serving rewrites (export/streamline.py) are rebuilt.
+    # Variants exported before the current serving rewrites (export/streamline.py) are rebuilt.
     missing = [
         v
         for v in wanted
-        if v not in list_variants(root) or "streamline" not in read_manifest(root / v).extra
+        if v not in list_variants(root)
+        or read_manifest(root / v).extra.get("streamline", {}).get("version") != STREAMLINE_VERSION
     ]
     if not missing:
         return root

@@ -43,6 +43,10 @@ BIAS = f"{_PREFIX}.attn_bias"
 ROW_TILE = 16  # = grpc_router.decoder.ALIGN
 
 
+# Bumped whenever the rewrites change, so that built artifacts can tell they are stale.
+VERSION = 2
+
+
 @dataclass
 class StreamlineReport:
     nan_guards_removed: int = 0
@@ -54,6 +58,7 @@ class StreamlineReport:
 
     def as_dict(self) -> dict[str, object]:
         return {
+            "version": VERSION,
             "nan_guards_removed": self.nan_guards_removed,
             "mask_biases_shared": self.mask_biases_shared,
             "heads_grouped": self.heads_grouped,

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from export.decoder import export_fp32
-from export.streamline import KEEP_INPUT, streamline, streamline_file
+from export.streamline import KEEP_INPUT, VERSION, streamline, streamline_file
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -55,6 +55,7 @@ Streamlined = tuple[Path, Path, dict[str, object]]
 def test_every_layer_is_rewritten(raw_and_streamlined: Streamlined) -> None:
     raw, new, report = raw_and_streamlined
     assert report == {
+        "version": VERSION,
         "nan_guards_removed": 2,
         "mask_biases_shared": 2,
         "heads_grouped": 2,
