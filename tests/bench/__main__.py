@@ -115,6 +115,8 @@ def machine() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.baseline_samples is None:  # the same conversations as the engine
+        args.baseline_samples = args.samples
     variants = [v for v in args.variants.split(",") if v]
     concurrency = [int(c) for c in args.concurrency.split(",") if c]
     with heavy_lock():
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                  "cold_samples": args.cold_samples, "concurrency": concurrency},
             )  # fmt: skip
         if not args.skip_baselines:
-            base = {**common, "samples": args.baseline_samples or args.samples}
+            base = {**common, "samples": args.baseline_samples}
             say("baseline A: transformers + PyTorch fp32 generate (max_new_tokens 16)")
             report["torch"] = run_worker("torch", {**base, "checkpoint": str(ckpt)})
             for variant in variants:

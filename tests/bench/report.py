@@ -84,7 +84,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"tokens ({w['long']['cacheable_tokens_median']} cacheable); short = "
         f"{w['short']['cases']} CLINC150 utterances, {w['short']['routes']} routes, median "
         f"{w['short']['prompt_tokens_median']} prompt tokens. Baselines: "
-        f"{report['args']['baseline_samples'] or report['args']['samples']} cases per kind "
+        f"{report['args']['baseline_samples']} cases per kind "
         "(the engine's first ones).",
         "",
         "| system | variant | case | cache | scores | p50 ms | p95 ms | prefill ms | "
