@@ -13,12 +13,15 @@ of a layer's 73 ms). The rewrites:
 - an optional `attention_mask_4d` input ([batch, 1, seq, past+seq] int64, 1 = may attend;
   default one 1 that broadcasts) narrows that mask further, so that a trie of continuations can
   be scored in one sequence (each token attends to the prompt and its own ancestors);
-- an optional `logits_to_keep` input (an initializer that callers may override, default 0 =
-  every position, so Optimum and other callers see the graph they know) slices the hidden states
-  before lm_head: a prefill needs its last position only, not a [seq, vocab] float matrix.
+- an optional `logits_to_keep` input (0, the default: every position; n: the last n; -1: each
+  right-padded row's last real token) slices the hidden states: a prefill needs one position per
+  row, not a [seq, vocab] float matrix, and past its K/V projections (which every position
+  needs, for the cache) the last layer runs on the kept rows only.
 
-Every row's numbers stay independent of its batch neighbours, padding and the prefix cache (the
-engine's tests prove it per variant); the export's parity check compares the result to PyTorch.
+Both inputs are initializers a caller may override, so Optimum and other callers see the graph
+they know. Every row's numbers stay independent of its batch neighbours, padding and the prefix
+cache for the exact variants (the engine's tests prove it); the export's parity check compares
+the result to PyTorch.
 """
 
 from __future__ import annotations
