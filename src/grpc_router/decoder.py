@@ -339,7 +339,9 @@ def prompt_rows(
         for r, i in enumerate(active):
             if len(suffixes[i]) <= offset:
                 last[i] = logits[r][-1].copy()
-                done[i] = rows.row(r, past_len + len(suffixes[i])).copy()
+                done[i] = rows.row(r, past_len + len(suffixes[i]))
+                if rows.batch > 1:  # a view would keep the whole batch's KV alive
+                    done[i] = done[i].copy()
             else:
                 keep.append(r)
         del logits

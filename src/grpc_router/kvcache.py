@@ -75,5 +75,8 @@ class PrefixCache:
 
 
 def stack_past(items: list[list[npt.NDArray[Any]]]) -> list[npt.NDArray[Any]]:
-    """Concatenate several equally long pasts along the batch axis."""
+    """Concatenate several equally long pasts along the batch axis (one is used as it is: the
+    graph only reads its past)."""
+    if len(items) == 1:
+        return list(items[0])
     return [np.concatenate(layer, axis=0) for layer in zip(*items, strict=True)]
