@@ -12,7 +12,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,9 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
         throughput = {}
         for c in cfg["concurrency"]:
             cases = [workload.long[i % len(workload.long)] for i in range(max(c, cfg["samples"]))]
+            clients = asyncio.Semaphore(c)  # at most c decisions in flight
             t = time.perf_counter()
-            await asyncio.gather(*(decide(case, True) for case in cases))
+            await asyncio.gather(*(limited(clients, decide(case, True)) for case in cases))
             wall = time.perf_counter() - t
             throughput[str(c)] = {"decisions": len(cases), "wall_s": wall,
                                   "per_s": len(cases) / wall}  # fmt: skip
@@ -94,6 +95,11 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
     result = asyncio.run(main())
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+async def limited(gate: asyncio.Semaphore, work: Awaitable[Any]) -> Any:
+    async with gate:
+        return await work
 
 
 def _summary(decisions: list[Any]) -> dict[str, Any]:
