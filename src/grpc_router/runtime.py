@@ -2,9 +2,9 @@
 
 The graph is Optimum's text-generation-with-past export: inputs input_ids, attention_mask,
 position_ids and past_key_values.{i}.key/.value; outputs logits and present.{i}.key/.value.
-Graphs from `make export` also take an optional `logits_to_keep` (export/streamline.py), the
-number of last positions to compute logits for (0: all), and an optional `attention_mask_4d`
-that narrows the causal mask (trie scoring in one sequence).
+Graphs from `make export` also take an optional `logits_to_keep` (export/streamline.py): 0 for
+every position's logits, n for the last n, -1 for each right-padded row's last token; and an
+optional `attention_mask_4d` that narrows the causal mask (trie scoring in one sequence).
 """
 
 from __future__ import annotations
