@@ -12,27 +12,25 @@ import onnxruntime as ort
 import pytest
 
 from export.decoder import export_fp32
+from export.parity import DecoderSession
 from export.streamline import KEEP_INPUT, VERSION, streamline, streamline_file
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return DecoderSession(path).session
 
 
 def _feed(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray) -> dict[str, object]:
+    """Right- or left-padded rows from position 0, with an empty past."""
     past = next(i for i in session.get_inputs() if i.name == "past_key_values.0.key")
     empty = np.zeros((ids.shape[0], int(past.shape[1]), 0, int(past.shape[3])), np.float32)
-    feed: dict[str, object] = {
+    names = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    return {
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0),
+        **dict.fromkeys(names, empty),
     }
-    for i in session.get_inputs():
-        if i.name.startswith("past_key_values."):
-            feed[i.name] = empty
-    return feed
 
 
 @pytest.fixture(scope="module")
