@@ -104,6 +104,18 @@ def choose_provider(
     return ProviderChoice(TRT, [(TRT, trt_opts), (CUDA, {}), (CPU, {})])
 
 
+def _preload_cuda_libraries() -> None:
+    """CUDA and cuDNN from pip's nvidia-* wheels (or torch's) are not on the loader's path;
+    onnxruntime-gpu >= 1.21 loads them itself when asked. Otherwise LD_LIBRARY_PATH must."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # missing wheels: the session's own load error says more
+        log.warning("onnxruntime.preload_dlls failed", error=str(exc))
+
+
 @dataclass(slots=True)
 class StepOutput:
     logits: FloatArray
@@ -144,6 +156,8 @@ class DecoderSession:
         if inter_op_threads is not None:
             opts.inter_op_num_threads = inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.choice.name != CPU:
+            _preload_cuda_libraries()
         try:
             self.session = ort.InferenceSession(
                 str(model_file), opts, providers=self.choice.providers
@@ -218,23 +232,10 @@ class DecoderSession:
             if not self.has_mask4d:
                 raise ArtifactError(f"the graph has no {MASK4D_INPUT} input; re-run make export")
             feed[MASK4D_INPUT] = mask4d
-        if self.choice.name == CPU:
-            out = self.session.run(self._out_names, feed)
-        else:
-            out = self._run_bound(feed)
+        # On CUDA too: IO binding cannot bind the optional inputs (initializers a caller may
+        # override), and the engine slices the KV with numpy, so it returns to the host anyway.
+        out = self.session.run(self._out_names, feed)
         logits = np.asarray(out[0], dtype=np.float32)
         if keep > 0 and not self.has_keep:  # an older graph: every position came back
             logits = logits[:, -keep:]
         return StepOutput(logits, list(out[1:]))
-
-    def _run_bound(self, feed: dict[str, Any]) -> list[Any]:
-        # GPU: IO binding, outputs allocated by ORT on the device. The KV still returns to the
-        # host between runs (the trie logic slices it with numpy); keeping it on the device
-        # needs device-side slicing and is not done yet.
-        binding = self.session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, value)
-        for name in self._out_names:
-            binding.bind_output(name, "cuda")
-        self.session.run_with_iobinding(binding)
-        return [v.numpy() for v in binding.get_outputs()]
