@@ -47,7 +47,8 @@ class QuantSettings:
         if variant == "fp32":
             return {"method": "none", "dtype": "float32", "exact": True}
         if variant == "fp16":
-            return {"method": "float16_cast", "dtype": "float16", "keep_io_types": True}
+            return {"method": "float16_cast", "dtype": "float16", "float32_io": ["logits"],
+                    "kv_io_dtype": "float16"}  # fmt: skip
         if variant == "int8" and self.int8_scheme == "rowwise":
             return {
                 "method": "rowwise_dynamic_int8",
@@ -151,13 +152,20 @@ def quantize_nbits(fp32_model: Path, out_path: Path, *, bits: int, settings: Qua
 
 
 def convert_fp16(fp32_model: Path, out_path: Path) -> None:
-    """float16 weights and compute for CUDA/TensorRT; inputs and outputs stay float32 so every
-    variant has the same interface."""
+    """float16 weights and compute for CUDA/TensorRT. The KV inputs and outputs are float16
+    too: they cross PCIe on every run, and float32 doubled that (the runtime reads the dtype
+    from the graph). The logits stay float32, the same as every other variant's."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(fp32_model))
+    kv = ("past_key_values.", "present.")
+    keep = [
+        v.name
+        for v in [*model.graph.input, *model.graph.output]
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and not v.name.startswith(kv)
+    ]
     with _quiet():
-        converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+        converted = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
     save_model(converted, out_path)
 
 

@@ -115,11 +115,12 @@ class DecoderSession:
         ]
         first = next(i for i in self.session.get_inputs() if i.name in self.past_names)
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_dtype = np.float16 if "float16" in first.type else np.float32  # fp16: float16
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, np.float32) for name in self.past_names}
+        return {name: np.zeros(shape, self.kv_dtype) for name in self.past_names}
 
     def run(
         self,

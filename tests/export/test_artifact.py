@@ -33,6 +33,10 @@ def test_manifest_describes_the_variant(tiny_artifacts: Path, variant: str) -> N
     assert "past_key_values.0.key" in manifest.inputs
     assert manifest.outputs[0] == "logits" and "present.1.value" in manifest.outputs
     assert manifest.io_dtypes["logits"] == "float32"
+    # fp16 keeps its KV in float16 at the interface (it crosses PCIe every run on a GPU).
+    kv_dtype = "float16" if variant == "fp16" else "float32"
+    assert manifest.io_dtypes["past_key_values.0.key"] == kv_dtype
+    assert manifest.io_dtypes["present.1.value"] == kv_dtype
     assert {"optimum", "onnx", "onnxruntime", "transformers"} <= set(manifest.versions)
     on_disk = {p.name for p in (tiny_artifacts / variant).iterdir()} - {"manifest.json"}
     assert set(manifest.files) == on_disk
