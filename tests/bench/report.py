@@ -27,7 +27,8 @@ def compute_floor(
         "suffix_tokens": s,
         "cached_tokens": p,
         "flops": flops,
-        "int8_ops_per_s": matmul["ops_per_s"],
+        "int8_ops_per_s": matmul["ops_per_s"],  # the name predates the CUDA probe
+        "gemm": matmul.get("label", "int8 GEMM"),
         "floor_ms": flops / matmul["ops_per_s"] * 1e3,
     }
 
@@ -116,18 +117,29 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {variant} | {kind} | – | – | {_fmt(r[kind]['p50_ms'])} | "
                 f"{_fmt(r[kind]['p95_ms'])} | – | – | {r['peak_rss_bytes'] / GIB:.2f} |"
             )
+    gpu = [f"{name} {r['gpu_used_bytes'] / GIB:.2f} GiB" for name, r in
+           [*((f"engine {v}", e) for v, e in report["engine"].items()),
+            *((n.split(":")[0], r) for n, _, r in baselines)]
+           if r and r.get("gpu_used_bytes")]  # fmt: skip
+    if gpu:
+        lines += ["", "GPU memory in use (NVML; A: torch's peak allocation): " + ", ".join(gpu)]
     conc = list(next(iter(report["engine"].values()))["throughput"]) if report["engine"] else []
     lines += ["", "| engine variant | " + " | ".join(f"decisions/s @{c}" for c in conc)
-              + " | largest batch |",
-              "|---|" + "---|" * (len(conc) + 1)]  # fmt: skip
+              + " | largest batch | batched vs alone, max Δp |",
+              "|---|" + "---|" * (len(conc) + 2)]  # fmt: skip
     for variant, eng in report["engine"].items():
         cells = " | ".join(f"{eng['throughput'][c]['per_s']:.2f}" for c in conc)
-        lines.append(f"| {variant} | {cells} | {eng['largest_batch']} |")
+        diff = eng.get("batched_vs_alone_max_prob_diff")
+        lines.append(
+            f"| {variant} | {cells} | {eng['largest_batch']} | "
+            f"{'–' if diff is None else f'{diff:.2g}'} |"
+        )
     f = report["floor"]
     lines += [
         "",
         f"Compute floor (long, warm): {f['flops'] / 1e9:.0f} GFLOP for {f['suffix_tokens']:.0f} "
-        f"uncached tokens after {f['cached_tokens']:.0f} cached, at the measured int8 GEMM "
+        f"uncached tokens after {f['cached_tokens']:.0f} cached, at the measured "
+        f"{f.get('gemm', 'int8 GEMM')} "
         f"{f['int8_ops_per_s'] / 1e9:.0f} GOPS = {f['floor_ms']:.0f} ms.",
         "",
         "| variant | scores | warm p50 ms | x faster than A | x faster than B | x floor | "

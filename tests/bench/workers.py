@@ -23,6 +23,23 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def on_gpu(cfg: dict[str, Any]) -> bool:
+    return cfg.get("provider", "cpu") in ("cuda", "tensorrt")
+
+
+def gpu_used_bytes() -> int | None:
+    """Device memory in use now (the worker is the GPU's only user), via NVML when present."""
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        used = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+        pynvml.nvmlShutdown()
+        return int(used)
+    except Exception:  # no NVML, no driver: not measured
+        return None
+
+
 def progress(message: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -76,19 +93,29 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
                 label = f"warm_scores_{'on' if full else 'off'}"
                 progress(f"{kind} {label}: p50 {_summary(warm)['p50_ms']:.0f} ms")
                 res[label] = _summary(warm)
+                if full and kind == "long":
+                    alone = {case.name: d for case, d in zip(cases, warm, strict=True)}
             out[kind] = res
-        throughput = {}
+        throughput, drift = {}, 0.0
         for c in cfg["concurrency"]:
             cases = [workload.long[i % len(workload.long)] for i in range(max(c, cfg["samples"]))]
             clients = asyncio.Semaphore(c)  # at most c decisions in flight
             t = time.perf_counter()
-            await asyncio.gather(*(limited(clients, decide(case, True)) for case in cases))
+            got = await asyncio.gather(*(limited(clients, decide(case, True)) for case in cases))
             wall = time.perf_counter() - t
             throughput[str(c)] = {"decisions": len(cases), "wall_s": wall,
                                   "per_s": len(cases) / wall}  # fmt: skip
             progress(f"concurrency {c}: {len(cases) / wall:.2f} decisions/s")
+            for case, d in zip(cases, got, strict=True):
+                solo = alone[case.name].scores
+                drift = max(drift, *(abs(d.scores[r] - solo[r]) for r in solo))
         out["throughput"] = throughput
+        # Batched vs alone on this provider: 0.0 where the variant is exact (tests prove it on
+        # the CPU); GPU kernels may pick other tilings for other batch shapes.
+        out["batched_vs_alone_max_prob_diff"] = drift
+        progress(f"batched vs alone: max probability difference {drift:.3g}")
         out["largest_batch"] = engine._batcher.largest_batch
+        out["gpu_used_bytes"] = gpu_used_bytes() if on_gpu(cfg) else None
         await engine.close()
         return out
 
@@ -147,21 +174,25 @@ def run_torch(cfg: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(cfg["threads"])
+    device = "cuda" if on_gpu(cfg) and torch.cuda.is_available() else "cpu"
     ckpt = Path(cfg["checkpoint"])
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    model.to(device)
     tok = AutoTokenizer.from_pretrained(ckpt)
     load_s = time.perf_counter() - t
 
     def generate(text: str) -> int:
-        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0)
-        return int(out.shape[1] - enc["input_ids"].shape[1])
+        return int(out.shape[1] - enc["input_ids"].shape[1])  # .shape syncs the device
 
     texts = _prompts(cfg, ckpt)
     result = _time_generate(texts, generate, cfg["samples"])
-    return {**result, "load_s": load_s, "peak_rss_bytes": peak_rss_bytes()}
+    gpu = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {**result, "load_s": load_s, "device": device, "peak_rss_bytes": peak_rss_bytes(),
+            "gpu_used_bytes": gpu}  # fmt: skip
 
 
 def run_optimum(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -172,25 +203,32 @@ def run_optimum(cfg: dict[str, Any]) -> dict[str, Any]:
     variant_dir = Path(cfg["artifact"]) / cfg["variant"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = cfg["threads"]
+    gpu = on_gpu(cfg)
     t = time.perf_counter()
     model = ORTModelForCausalLM.from_pretrained(
-        variant_dir, file_name="model.onnx", use_cache=True, use_io_binding=False,
-        provider="CPUExecutionProvider", session_options=options,
+        variant_dir, file_name="model.onnx", use_cache=True, use_io_binding=gpu,
+        provider="CUDAExecutionProvider" if gpu else "CPUExecutionProvider",
+        session_options=options,
     )  # fmt: skip
     tok = AutoTokenizer.from_pretrained(variant_dir)
     load_s = time.perf_counter() - t
 
     def generate(text: str) -> int:
-        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+        # With IO binding Optimum binds the tensors' memory as is: they must be on the device.
+        enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=0)
         return int(out.shape[1] - enc["input_ids"].shape[1])
 
     result = _time_generate(_prompts(cfg, variant_dir), generate, cfg["samples"])
-    return {**result, "load_s": load_s, "peak_rss_bytes": peak_rss_bytes()}
+    return {**result, "load_s": load_s, "peak_rss_bytes": peak_rss_bytes(),
+            "gpu_used_bytes": gpu_used_bytes() if gpu else None}  # fmt: skip
 
 
 def run_matmul(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Measured int8 GEMM throughput: one MatMulInteger of a prefill's MLP shape on ORT."""
+    """Measured GEMM throughput of a prefill's MLP shape on ORT: int8 MatMulInteger on the CPU,
+    fp16 MatMul with device-resident operands on CUDA."""
+    if on_gpu(cfg):
+        return _matmul_cuda(cfg)
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -205,7 +243,7 @@ def run_matmul(cfg: dict[str, Any]) -> dict[str, Any]:
                             np.random.default_rng(0).integers(-127, 127, (k, n)).astype(np.int8)
                             .tobytes(), raw=True)],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     options = ort.SessionOptions()
     options.intra_op_num_threads = cfg["threads"]
     session = ort.InferenceSession(
@@ -219,7 +257,41 @@ def run_matmul(cfg: dict[str, Any]) -> dict[str, Any]:
         session.run(None, {"A": a})
         runs += 1
     seconds = (time.perf_counter() - t) / runs
-    return {"m": m, "k": k, "n": n, "ops_per_s": 2 * m * k * n / seconds, "ms": seconds * 1e3}
+    return {"m": m, "k": k, "n": n, "ops_per_s": 2 * m * k * n / seconds, "ms": seconds * 1e3,
+            "label": "int8 GEMM"}  # fmt: skip
+
+
+def _matmul_cuda(cfg: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    m, k, n = cfg["m"], cfg["k"], cfg["n"]
+    w = (np.random.default_rng(0).standard_normal((k, n)) * 0.02).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["Y"])],
+        "fp16_gemm",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [m, n])],
+        [helper.make_tensor("B", TensorProto.FLOAT16, [k, n], w.tobytes(), raw=True)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    session = ort.InferenceSession(
+        model.SerializeToString(), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    a = np.random.default_rng(1).standard_normal((m, k)).astype(np.float16)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("A", ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0))
+    binding.bind_output("Y", "cuda")
+    for _ in range(10):
+        session.run_with_iobinding(binding)
+    runs, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 2.0:  # each run waits for the device (synchronous EP)
+        session.run_with_iobinding(binding)
+        runs += 1
+    seconds = (time.perf_counter() - t) / runs
+    return {"m": m, "k": k, "n": n, "ops_per_s": 2 * m * k * n / seconds, "ms": seconds * 1e3,
+            "label": "fp16 GEMM (CUDA)", "providers": session.get_providers()}  # fmt: skip
 
 
 KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

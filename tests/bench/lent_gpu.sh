@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# `make bench` on a lent GPU machine that reaches no registry and takes 64 MiB per call.
+# Run from the repo root there after the bundle's parts were copied to $PARTS (tests/bench/
+# skeleton.py says why the artifact travels without weights). The bundle holds:
+#   whl/*.whl                    grpc-router's runtime deps + transformers/optimum for baselines
+#   ortgpu.tar.xz                onnxruntime-gpu's package (CUDA 13), without the C API library
+#   fp16.skel.tar.gz             the full-shape fp16 variant without its weights
+#   shared.tar.xz                ../shared (eval sets, Qwen2.5 tokenizer)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HEAVY_LOCK_HELD=1
+PARTS=${PARTS:-/tmp/parts}
+OUTD=${OUT:-/tmp/out}
+mkdir -p "$OUTD/reports" /tmp/bundle /tmp/site
+exec > >(tee -a "$OUTD/gpu.log") 2>&1
+t0=$SECONDS
+say() { echo "[lent-gpu +$((SECONDS - t0))s] $*"; }
+
+say "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader), $(nproc) cores"
+if [ ! -f /tmp/site/onnxruntime/__init__.py ]; then  # a warm machine keeps the last install
+cat "$PARTS"/bundle.part-* | tar -x -C /tmp/bundle || exit 3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site /tmp/bundle/whl/*.whl || exit 4
+xz -dc /tmp/bundle/ortgpu.tar.xz | tar -x -C /tmp/site || exit 5
+tar -xJf /tmp/bundle/shared.tar.xz -C /tmp/bundle || exit 6
+fi
+export PYTHONPATH="/tmp/site:$PWD/src:$PWD" GRPC_ROUTER_SHARED=/tmp/bundle/shared
+
+say "onnxruntime-gpu: the CUDA provider through grpc_router.runtime's library preload"
+probe='
+import numpy as np, onnxruntime as ort
+from onnx import TensorProto, helper
+from grpc_router.runtime import _preload_cuda_libraries
+_preload_cuda_libraries()
+g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+s = ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"])
+print(ort.__version__, ort.get_available_providers(), s.get_providers())
+assert s.get_providers()[0] == "CUDAExecutionProvider"
+'
+if ! python3 -c "$probe"; then
+    say "preload did not find CUDA; retrying with the nvidia wheels on LD_LIBRARY_PATH"
+    site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    LD_LIBRARY_PATH="$(find "$site/nvidia" -maxdepth 3 -type d -name lib | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+    export LD_LIBRARY_PATH
+    python3 -c "$probe" || exit 7
+fi
+
+say "checkpoint (random, full shape) for baseline A"
+python3 -c '
+from pathlib import Path
+from export.fixtures import build_full_shape_checkpoint, cached_checkpoint
+print(cached_checkpoint(Path("artifacts/.cache"), "full-shape-ckpt", build_full_shape_checkpoint))
+' || exit 8
+say "artifact: fp16 variant, weights redrawn"
+[ -f artifacts/full-shape/fp16/manifest.json ] ||
+    python3 -m tests.bench.skeleton unpack /tmp/bundle/fp16.skel.tar.gz artifacts/full-shape/fp16 || exit 9
+
+say "bench"
+timeout "${BENCH_TIMEOUT:-420}" python3 -m tests.bench --variants fp16 --provider cuda \
+    --out "$OUTD/reports" "$@"
+say "bench exit $?"
