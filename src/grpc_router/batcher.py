@@ -50,6 +50,17 @@ class Batcher(Generic[In, Out]):
         self.batches = 0
         self.largest_batch = 0
 
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        """Settable until start(): an engine may pick it once it knows its device."""
+        if self._thread is not None:
+            raise RuntimeError("max_batch_size is fixed once the batcher runs")
+        self._max_batch = max(1, value)
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="arch-router", daemon=True)

@@ -8,7 +8,12 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from grpc_router.engine import ArchRouterEngine, ArchRouterSettings
+from grpc_router.engine import (
+    CPU_CHUNK_TOKENS,
+    CPU_MAX_BATCH,
+    ArchRouterEngine,
+    ArchRouterSettings,
+)
 from grpc_router.errors import ArtifactError, EngineUnavailable, InvalidArgument, Overloaded
 from grpc_router.runtime import CPU, CUDA, TRT, choose_provider
 from grpc_router.types import Decision, Engine, Message, Role, RouteSpec
@@ -189,3 +194,29 @@ def test_engine_asked_for_cuda_without_it(tiny_artifacts: Path) -> None:
 def test_settings_reject_unknown_fields() -> None:
     with pytest.raises(ValueError, match="extra"):
         ArchRouterSettings(provider="cpu", batch=3)  # type: ignore[call-arg]
+
+
+def test_batch_and_chunk_defaults_follow_the_provider(tiny_artifacts: Path) -> None:
+    async def run() -> None:
+        default = _engine(tiny_artifacts, "int8", warmup=False)
+        pinned = _engine(
+            tiny_artifacts, "int8", warmup=False, max_batch_size=7, prefill_chunk_tokens=64
+        )
+        for engine in (default, pinned):
+            await engine.start()
+        try:
+            assert default.provider == CPU
+            assert (default.max_batch_size, default.chunk_tokens) == (
+                CPU_MAX_BATCH,
+                CPU_CHUNK_TOKENS,
+            )
+            assert default._batcher.max_batch_size == CPU_MAX_BATCH
+            assert (pinned.max_batch_size, pinned.chunk_tokens) == (7, 64)
+            assert pinned._batcher.max_batch_size == 7
+            with pytest.raises(RuntimeError, match="fixed"):  # no resizing while it runs
+                pinned._batcher.max_batch_size = 2
+        finally:
+            await default.close()
+            await pinned.close()
+
+    asyncio.run(run())
