@@ -6,6 +6,11 @@
 #   ortgpu.tar.xz                onnxruntime-gpu's package (CUDA 13), without the C API library
 #   fp16.skel.tar.gz             the full-shape fp16 variant without its weights
 #   shared.tar.xz                ../shared (eval sets, Qwen2.5 tokenizer)
+# Made here with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...` into
+# whl/, the onnxruntime-gpu wheel unpacked and re-packed with xz (195 MB), `python -m
+# tests.bench.skeleton pack artifacts/full-shape/fp16 fp16.skel.tar.gz`, then
+# `tar -cf - whl ortgpu.tar.xz fp16.skel.tar.gz shared.tar.xz | split -b 57M - bundle.part-`
+# and one part per call copied to $PARTS; the last call runs this script.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HEAVY_LOCK_HELD=1
 PARTS=${PARTS:-/tmp/parts}
