@@ -13,13 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from grpc_router.errors import InvalidArgument
-from grpc_router.runtime import DecoderSession, FloatArray, Int64Array
+from grpc_router.runtime import DecoderSession, FloatArray, Int64Array, KVTensor, on_host
 
 PAD_ID = 0
 # Prefill widths and the cached prefix length are multiples of this. Quantized MatMul kernels
@@ -83,9 +81,10 @@ def _is_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
 
 @dataclass(slots=True)
 class Rows:
-    """The KV state of a batch of sequences."""
+    """The KV state of a batch of sequences. The KV may live on the session's device
+    (OrtValues); what only numpy can do brings it back to the host first."""
 
-    past: list[FloatArray]
+    past: list[KVTensor]
     mask: Int64Array
     """[batch, past_len]: 1 for real tokens, 0 for padding."""
     next_pos: Int64Array
@@ -102,22 +101,25 @@ class Rows:
     def take(self, index: Sequence[int]) -> Rows:
         idx = np.asarray(index, dtype=np.int64)
         return Rows(
-            [np.take(p, idx, axis=0) for p in self.past],
+            [np.take(p, idx, axis=0) for p in on_host(self.past)],
             np.take(self.mask, idx, axis=0),
             np.take(self.next_pos, idx, axis=0),
         )
 
     def row(self, i: int, length: int) -> Rows:
         """Row i alone, cut to its first `length` positions (dropping trailing padding)."""
+        if self.batch == 1 and length == self.length:
+            return self  # nothing to cut: a device-resident KV stays where it is
         return Rows(
-            [p[i : i + 1, :, :length] for p in self.past],
+            [p[i : i + 1, :, :length] for p in on_host(self.past)],
             self.mask[i : i + 1, :length],
             self.next_pos[i : i + 1],
         )
 
     def copy(self) -> Rows:
         """A compact copy that does not keep a larger batch's arrays alive."""
-        return Rows([np.ascontiguousarray(p) for p in self.past], self.mask.copy(), self.next_pos)
+        past = [np.ascontiguousarray(p) if isinstance(p, np.ndarray) else p for p in self.past]
+        return Rows(past, self.mask.copy(), self.next_pos)
 
     @staticmethod
     def stack(rows: Sequence[Rows]) -> Rows:
@@ -125,7 +127,10 @@ class Rows:
         if len(rows) == 1:
             return rows[0]
         return Rows(
-            [np.concatenate(layer, axis=0) for layer in zip(*(r.past for r in rows), strict=True)],
+            [
+                np.concatenate(layer, axis=0)
+                for layer in zip(*(on_host(r.past) for r in rows), strict=True)
+            ],
             np.concatenate([r.mask for r in rows], axis=0),
             np.concatenate([r.next_pos for r in rows], axis=0),
         )
@@ -308,14 +313,16 @@ def greedy(
 
 def prompt_rows(
     session: DecoderSession,
-    past: list[npt.NDArray[Any]],
+    past: list[KVTensor],
     past_len: int,
     suffixes: Sequence[Sequence[int]],
     *,
     chunk_tokens: int = 512,
+    align: int = ALIGN,
 ) -> tuple[list[FloatArray], list[Rows]]:
-    """Prefill the suffixes after a shared-length past, batched and right-padded; returns each
-    prompt's last logits and its KV state cut to its own length.
+    """Prefill the suffixes after a shared-length past, batched and right-padded to multiples
+    of `align`; returns each prompt's last logits and its KV state cut to its own length.
+    (`align` 1 for a lone prompt whose KV stays on a device: no padding, so nothing to cut.)
 
     Long suffixes go in chunks (a multiple of ALIGN per row, about `chunk_tokens` per run):
     this bounds the activations' memory (and an older graph's every-position logits). A chunk
@@ -333,7 +340,7 @@ def prompt_rows(
     offset = 0
     while active:
         pieces = [suffixes[i][offset : offset + per_row] for i in active]
-        logits, rows = extend(session, rows, pieces, align=ALIGN, last_only=True)
+        logits, rows = extend(session, rows, pieces, align=align, last_only=True)
         offset += per_row
         keep: list[int] = []
         for r, i in enumerate(active):

@@ -100,6 +100,13 @@ class ArchRouterSettings(BaseModel):
         "once (and on a GPU moves the KV across PCIe), so fewer, larger runs are faster. "
         f"None = {CPU_CHUNK_TOKENS} on the CPU, {GPU_CHUNK_TOKENS} on CUDA/TensorRT.",
     )
+    kv_on_device: bool | None = Field(
+        default=None,
+        description="Keep the KV cache on the GPU between runs (IO binding) instead of host "
+        "memory; None = on for CUDA/TensorRT. A lone request then prefills unpadded, so its "
+        "KV needs no cutting; batches still join their KV on the host. If the first run that "
+        "way fails, the engine logs it and falls back to host memory.",
+    )
     score_rows_per_run: int = Field(
         default=4,
         ge=1,
@@ -245,6 +252,7 @@ class ArchRouterEngine:
             max_tokens=s.prompt_token_budget,
             max_batch=(s.max_batch_size or CPU_MAX_BATCH) * 32,
             kv_shape=_kv_shape(variant_dir),
+            device_kv=s.kv_on_device,
         )
         self._batcher.max_batch_size = self.max_batch_size
         self.variant, self.variant_dir = manifest.variant, variant_dir
@@ -368,6 +376,8 @@ class ArchRouterEngine:
             past_len,
             [p.prompt.ids[past_len:] for p in group],
             chunk_tokens=self.chunk_tokens,
+            # Unpadded when the KV stays on the device: cutting padding off would need the host.
+            align=1 if session.device_kv and len(group) == 1 else ALIGN,
         )
         prefill_ms = (time.perf_counter() - t0) * 1e3
         outcomes: list[Outcome | None] = [None] * len(group)

@@ -5,22 +5,23 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import numpy.typing as npt
+
+from grpc_router.runtime import KVTensor, kv_nbytes, on_host
 
 
 @dataclass(frozen=True, slots=True)
 class PrefixKV:
     ids: tuple[int, ...]
     """The tokens the KV was computed from; a prompt reuses it only if it starts with them."""
-    past: list[npt.NDArray[Any]]
-    """Per layer key then value, [1, kv_heads, len(ids), head_dim]."""
+    past: list[KVTensor]
+    """Per layer key then value, [1, kv_heads, len(ids), head_dim]; on the session's device
+    when it keeps the KV there."""
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.past)
+        return sum(kv_nbytes(a) for a in self.past)
 
 
 class PrefixCache:
@@ -57,7 +58,8 @@ class PrefixCache:
         if size > self.max_bytes:
             return
         for a in item.past:
-            a.setflags(write=False)  # shared by every request of the route set
+            if isinstance(a, np.ndarray):
+                a.setflags(write=False)  # shared by every request of the route set
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
@@ -74,9 +76,9 @@ class PrefixCache:
             self._bytes = 0
 
 
-def stack_past(items: list[list[npt.NDArray[Any]]]) -> list[npt.NDArray[Any]]:
+def stack_past(items: list[list[KVTensor]]) -> list[KVTensor]:
     """Concatenate several equally long pasts along the batch axis (one is used as it is: the
-    graph only reads its past)."""
+    graph only reads its past; several are joined on the host)."""
     if len(items) == 1:
         return list(items[0])
-    return [np.concatenate(layer, axis=0) for layer in zip(*items, strict=True)]
+    return [np.concatenate(layer, axis=0) for layer in zip(*map(on_host, items), strict=True)]

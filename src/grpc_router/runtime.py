@@ -31,7 +31,23 @@ _GPU_HINT = "install onnxruntime-gpu (pip install 'grpc-router[gpu]') on a machi
 
 Int64Array = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.floating[Any]]
+# One layer's key or value: a numpy array on the host, or an onnxruntime.OrtValue where the
+# session keeps the KV on its device (onnxruntime ships no type stubs, so this stays Any).
+KVTensor = Any
 ProviderName = Literal["auto", "tensorrt", "cuda", "cpu"]
+_OPTIONAL_INPUTS = (KEEP_INPUT, MASK4D_INPUT)
+_ITEMSIZE = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2}
+
+
+def on_host(past: list[KVTensor]) -> list[FloatArray]:
+    """The KV as numpy arrays (a device-resident one is copied back)."""
+    return [t if isinstance(t, np.ndarray) else t.numpy() for t in past]
+
+
+def kv_nbytes(t: KVTensor) -> int:
+    if isinstance(t, np.ndarray):
+        return int(t.nbytes)
+    return int(np.prod(t.shape())) * _ITEMSIZE.get(t.data_type(), 4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +136,9 @@ def _preload_cuda_libraries() -> None:
 class StepOutput:
     logits: FloatArray
     """[batch, seq or the kept last positions, vocab], float32 on the host."""
-    present: list[FloatArray]
-    """Per layer key then value, [batch, kv_heads, past+seq, head_dim]."""
+    present: list[KVTensor]
+    """Per layer key then value, [batch, kv_heads, past+seq, head_dim]; OrtValues on the
+    session's device when it keeps the KV there."""
 
 
 class DecoderSession:
@@ -138,7 +155,10 @@ class DecoderSession:
         max_tokens: int = 4096,
         max_batch: int = 16,
         kv_shape: tuple[int, int, int] | None = None,
+        device_kv: bool | None = None,
     ) -> None:
+        """`device_kv`: keep the KV where the graph runs (IO binding; None = on for GPU
+        providers). The CPU provider can do it too, which is how the tests cover it."""
         self.choice = choose_provider(
             provider,
             trt_cache_dir=trt_cache_dir,
@@ -158,10 +178,17 @@ class DecoderSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.choice.name != CPU:
             _preload_cuda_libraries()
+        self.device_kv = self.choice.name != CPU if device_kv is None else device_kv
+        self._device = "cpu" if self.choice.name == CPU else "cuda"
+        self._defaults: dict[str, Int64Array] = {}
+        self._bound_ran = False
         try:
-            self.session = ort.InferenceSession(
-                str(model_file), opts, providers=self.choice.providers
-            )
+            if self.device_kv:
+                self.session = self._bindable_session(model_file, opts)
+            else:
+                self.session = ort.InferenceSession(
+                    str(model_file), opts, providers=self.choice.providers
+                )
         except Exception as exc:  # ORT raises its own untyped errors
             raise ArtifactError(f"onnxruntime could not load {model_file}: {exc}") from exc
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -188,10 +215,30 @@ class DecoderSession:
         log.info(
             "onnxruntime session",
             provider=self.choice.name,
+            kv_on_device=self.device_kv,
             available=ort.get_available_providers(),
             layers=self.layers,
             intra_op_threads=intra_op_threads,
             model=str(model_file),
+        )
+
+    def _bindable_session(self, model_file: Path, opts: ort.SessionOptions) -> Any:
+        """The graph with its optional inputs made required: IO binding cannot bind an
+        initializer a caller may override. Their defaults are fed on every run instead; the
+        weights still load from the artifact's external data file."""
+        import onnx
+
+        model = onnx.load(str(model_file), load_external_data=False)
+        for init in list(model.graph.initializer):
+            if init.name in _OPTIONAL_INPUTS:
+                value = onnx.numpy_helper.to_array(init).astype(np.int64)
+                self._defaults[init.name] = value
+                model.graph.initializer.remove(init)
+        opts.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(model_file.parent)
+        )
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=self.choice.providers
         )
 
     @property
@@ -211,7 +258,7 @@ class DecoderSession:
         input_ids: Int64Array,
         attention_mask: Int64Array,
         position_ids: Int64Array,
-        past: list[FloatArray],
+        past: list[KVTensor],
         *,
         keep: int = 0,
         mask4d: Int64Array | None = None,
@@ -225,6 +272,7 @@ class DecoderSession:
             "attention_mask": attention_mask,
             "position_ids": position_ids,
         }
+        feed.update(self._defaults)
         feed.update(zip(self._past_names, past, strict=True))
         if self.has_keep:
             feed[KEEP_INPUT] = np.asarray(keep, dtype=np.int64)
@@ -232,10 +280,49 @@ class DecoderSession:
             if not self.has_mask4d:
                 raise ArtifactError(f"the graph has no {MASK4D_INPUT} input; re-run make export")
             feed[MASK4D_INPUT] = mask4d
-        # On CUDA too: IO binding cannot bind the optional inputs (initializers a caller may
-        # override), and the engine slices the KV with numpy, so it returns to the host anyway.
-        out = self.session.run(self._out_names, feed)
-        logits = np.asarray(out[0], dtype=np.float32)
+        if self.device_kv:
+            try:
+                logits, present = self._run_bound(feed)
+                self._bound_ran = True
+            except Exception as exc:  # first run only: fall back rather than fail to serve
+                if self._bound_ran:
+                    raise
+                log.warning(
+                    "keeping the KV on the device failed; it goes through host memory instead",
+                    provider=self.choice.name,
+                    error=str(exc),
+                )
+                self.device_kv = False
+                return self.run(
+                    input_ids, attention_mask, position_ids, on_host(past), keep=keep,
+                    mask4d=mask4d,
+                )  # fmt: skip
+        else:
+            out = self.session.run(self._out_names, on_host_feed(feed))
+            logits, present = out[0], list(out[1:])
+        logits = np.asarray(logits, dtype=np.float32)
         if keep > 0 and not self.has_keep:  # an older graph: every position came back
             logits = logits[:, -keep:]
-        return StepOutput(logits, list(out[1:]))
+        return StepOutput(logits, present)
+
+    def _run_bound(self, feed: dict[str, Any]) -> tuple[Any, list[KVTensor]]:
+        """Inputs from the host or (the KV of an earlier run) the device; the logits come to
+        the host, the new KV stays on the device for the next run."""
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            if isinstance(value, np.ndarray):
+                # (np.ascontiguousarray would turn logits_to_keep's 0-d array into 1-d)
+                binding.bind_cpu_input(name, np.require(value, requirements="C"))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self._out_names[0], "cpu")
+        for name in self._out_names[1:]:
+            binding.bind_output(name, self._device)
+        self.session.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        return out[0].numpy(), list(out[1:])
+
+
+def on_host_feed(feed: dict[str, Any]) -> dict[str, Any]:
+    """session.run takes numpy: device-resident KV (from a session switched off it) comes back."""
+    return {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in feed.items()}

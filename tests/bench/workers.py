@@ -75,7 +75,9 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         t = time.perf_counter()
         await engine.start()
-        out: dict[str, Any] = {"load_s": time.perf_counter() - t, "provider": engine.provider}
+        out: dict[str, Any] = {"load_s": time.perf_counter() - t, "provider": engine.provider,
+                               "max_batch_size": engine.max_batch_size,
+                               "kv_on_device": engine._session.device_kv}  # fmt: skip
         for kind, cases in (("long", workload.long), ("short", workload.short)):
             res: dict[str, Any] = {}
             # Cold: the route set's prefix is computed inside the measured decision.
@@ -116,6 +118,7 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
         progress(f"batched vs alone: max probability difference {drift:.3g}")
         out["largest_batch"] = engine._batcher.largest_batch
         out["gpu_used_bytes"] = gpu_used_bytes() if on_gpu(cfg) else None
+        out["kv_on_device_at_end"] = engine._session.device_kv  # False: it fell back
         await engine.close()
         return out
 

@@ -223,3 +223,45 @@ def test_prefix_cache_is_lru_bounded_in_bytes() -> None:
     assert cache.get("a", (9, 9)) is None  # other tokens under the same key: no reuse
     cache.put("huge", entry(100))  # bigger than the bound: not stored, nothing evicted
     assert cache.get("huge", tuple(range(100))) is None and len(cache) == 3
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
+def test_kv_kept_on_the_device_gives_the_same_logits(tiny_artifacts: Path, variant: str) -> None:
+    """IO binding with the KV left where the graph ran (the GPU path), here through the CPU
+    provider: the same unpadded runs give the same numbers, and the KV never becomes numpy."""
+    host, _, prompt = _setup(tiny_artifacts, variant)
+    device = DecoderSession(tiny_artifacts / variant / "model.onnx", provider="cpu", device_kv=True)
+    assert device.device_kv and not host.device_kv
+    n = len(prompt.prefix.ids) // ALIGN * ALIGN
+    refs, outs = [], []
+    for session, out in ((host, refs), (device, outs)):
+        prefix = session.run(
+            np.asarray([prompt.ids[:n]]), np.ones((1, n), np.int64), np.arange(n)[None],
+            session.empty_past(1),
+        )  # fmt: skip
+        root, (rows,) = prompt_rows(session, prefix.present, n, [prompt.ids[n:]], align=1)
+        assert rows.length == len(prompt.ids)  # unpadded: nothing was cut
+        trie = Trie({"a": (7, 8), "b": (7, 9), "c": (10,)})
+        node_logits = packed_trie_logits(session, trie, rows, root[0])
+        out += [root[0], *(node_logits[k] for k in sorted(node_logits))]
+        if session is device:
+            assert not isinstance(rows.past[0], np.ndarray)  # an OrtValue, left on the device
+            assert rows.past[0].shape() == [1, session.kv_heads, len(prompt.ids), session.head_dim]
+    for a, b in zip(refs, outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 if variant != "fp16" else 1e-2)
+    assert device.device_kv  # no fallback happened
+
+
+def test_kv_on_device_falls_back_to_the_host_once(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    session = DecoderSession(tiny_artifacts / "int8" / "model.onnx", provider="cpu", device_kv=True)
+
+    def broken(feed: object) -> object:
+        raise RuntimeError("no device here")
+
+    monkeypatch.setattr(session, "_run_bound", broken)
+    ids = np.asarray([[5, 6, 7]])
+    out = session.run(ids, np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_past(1))
+    assert not session.device_kv and isinstance(out.present[0], np.ndarray)
+    assert out.logits.shape[:2] == (1, 3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -218,5 +219,39 @@ def test_batch_and_chunk_defaults_follow_the_provider(tiny_artifacts: Path) -> N
         finally:
             await default.close()
             await pinned.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_kv_on_device_decides_like_the_host_path(tiny_artifacts: Path, variant: str) -> None:
+    """The GPU default (KV kept where the graph runs, lone requests unpadded), through the CPU
+    provider's IO binding: the same routes and, up to float noise, the same scores; batches
+    still work (their KV is joined on the host)."""
+
+    async def run() -> None:
+        host = _engine(tiny_artifacts, variant, max_batch_size=1)
+        device = _engine(
+            tiny_artifacts, variant, kv_on_device=True, max_batch_size=8, max_wait_us=300_000
+        )
+        await host.start()
+        await device.start()
+        try:
+            reference = await _sequential(host)
+            alone = await _sequential(device)
+            batched = await asyncio.gather(*(device.decide(c, ROUTES) for c in CONVERSATIONS))
+            assert device._batcher.largest_batch > 1
+            assert device._session is not None and device._session.device_kv  # no fallback
+            cached = next(iter(device.prefix_cache._items.values())).past[0]
+            assert not isinstance(cached, np.ndarray)  # the prefix KV stays on the device too
+            tol = 1e-4 if variant == "int8" else 1e-3  # int8: only pad-free tiling moves bits
+            for ref, a, b in zip(reference, alone, batched, strict=True):
+                for d in (a, b):
+                    assert d.route == ref.route and d.scores.keys() == ref.scores.keys()
+                    for k in ref.scores:
+                        assert d.scores[k] == pytest.approx(ref.scores[k], rel=tol, abs=1e-6)
+        finally:
+            await host.close()
+            await device.close()
 
     asyncio.run(run())
