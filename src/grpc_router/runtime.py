@@ -120,6 +120,15 @@ def choose_provider(
     return ProviderChoice(TRT, [(TRT, trt_opts), (CUDA, {}), (CPU, {})])
 
 
+def _has_onnx() -> bool:
+    """The onnx package (a dependency of the gpu extra) rewrites the graph for IO binding."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _preload_cuda_libraries() -> None:
     """CUDA and cuDNN from pip's nvidia-* wheels (or torch's) are not on the loader's path;
     onnxruntime-gpu >= 1.21 loads them itself when asked. Otherwise LD_LIBRARY_PATH must."""
@@ -182,6 +191,13 @@ class DecoderSession:
         self._device = "cpu" if self.choice.name == CPU else "cuda"
         self._defaults: dict[str, Int64Array] = {}
         self._bound_ran = False
+        if self.device_kv and not _has_onnx():
+            log.warning(
+                "kv_on_device needs the onnx package (pip install 'grpc-router[gpu]'); the KV "
+                "goes through host memory instead",
+                provider=self.choice.name,
+            )
+            self.device_kv = False
         try:
             if self.device_kv:
                 self.session = self._bindable_session(model_file, opts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,15 @@ def test_kv_on_device_falls_back_to_the_host_once(
     out = session.run(ids, np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_past(1))
     assert not session.device_kv and isinstance(out.present[0], np.ndarray)
     assert out.logits.shape[:2] == (1, 3)
+
+
+def test_kv_on_device_without_onnx_stays_on_the_host(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server installed without the gpu extra has no onnx package to rewrite the graph."""
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    session = DecoderSession(tiny_artifacts / "int8" / "model.onnx", provider="cpu", device_kv=True)
+    assert not session.device_kv
+    ids = np.asarray([[5, 6, 7]])
+    out = session.run(ids, np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_past(1))
+    assert isinstance(out.present[0], np.ndarray)
