@@ -31,9 +31,9 @@ from grpc_router.types import Decision, Message, Role, RouteSpec
 log = structlog.get_logger(__name__)
 
 # Requests per prefill run when the config leaves it open. Measured on an H200 (fp16, 1,152-token
-# prompts, 4 clients): batches of 1 gave 42 decisions/s, of 4 gave 17, of 16 gave 20; each
-# request of a batch stacks, uploads and slices the batch's KV through host memory. On the CPU
-# the prefill is compute-bound and batching helps a little.
+# prompts, 4 clients, KV in host memory): batches of 1 gave 42 decisions/s, of 4 gave 17, of 16
+# gave 20; a batch stacks, uploads and cuts its KV through host memory (it still does with
+# kv_on_device). On the CPU the prefill is compute-bound and batching helps a little.
 CPU_MAX_BATCH = 4
 GPU_MAX_BATCH = 1
 # Prefill tokens per run when the config leaves it open. On a GPU each run also moves the
@@ -70,8 +70,8 @@ class ArchRouterSettings(BaseModel):
         default=None,
         ge=1,
         description="Most requests coalesced into one prefill run. None = "
-        f"{CPU_MAX_BATCH} on the CPU, {GPU_MAX_BATCH} on CUDA/TensorRT (the KV goes through host "
-        "memory between runs, and there batches are slower than requests one by one).",
+        f"{CPU_MAX_BATCH} on the CPU, {GPU_MAX_BATCH} on CUDA/TensorRT (a batch joins and cuts "
+        "its KV in host memory; there batches measured slower than requests one by one).",
     )
     max_wait_us: int = Field(
         default=2000,

@@ -314,7 +314,7 @@ class DecoderSession:
                     mask4d=mask4d,
                 )  # fmt: skip
         else:
-            out = self.session.run(self._out_names, on_host_feed(feed))
+            out = self.session.run(self._out_names, _host_feed(feed))
             logits, present = out[0], list(out[1:])
         logits = np.asarray(logits, dtype=np.float32)
         if keep > 0 and not self.has_keep:  # an older graph: every position came back
@@ -339,6 +339,6 @@ class DecoderSession:
         return out[0].numpy(), list(out[1:])
 
 
-def on_host_feed(feed: dict[str, Any]) -> dict[str, Any]:
+def _host_feed(feed: dict[str, Any]) -> dict[str, Any]:
     """session.run takes numpy: device-resident KV (from a session switched off it) comes back."""
     return {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in feed.items()}
