@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="intra-op threads for every system (default: all cores)",
     )
     p.add_argument("--provider", default="cpu", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument(
+        "--kv-on-device",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="engine: keep the KV on the device between runs (auto: on for GPU providers)",
+    )
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--out", type=Path, default=Path("reports"))
     return p.parse_args(argv)  # fmt: skip
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 "engine",
                 {**common, "artifact": str(artifact), "variant": variant,
                  "provider": args.provider, "samples": args.samples,
+                 "kv_on_device": {"auto": None, "on": True, "off": False}[args.kv_on_device],
                  "cold_samples": args.cold_samples, "concurrency": concurrency},
             )  # fmt: skip
         if not args.skip_baselines:

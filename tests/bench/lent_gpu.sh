@@ -66,3 +66,7 @@ say "bench"
 timeout "${BENCH_TIMEOUT:-420}" python3 -m tests.bench --variants fp16 --provider cuda \
     --out "$OUTD/reports" "$@"
 say "bench exit $?"
+say "engine only, KV through host memory (kv_on_device off), for comparison"
+timeout 180 python3 -m tests.bench --variants fp16 --provider cuda --skip-baselines \
+    --kv-on-device off --out "$OUTD/reports-kv-host" "$@"
+say "bench exit $?"

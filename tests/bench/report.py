@@ -94,6 +94,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for variant, eng in report["engine"].items():
         rss = eng["peak_rss_bytes"] / GIB
+        system = "engine, KV on device" if eng.get("kv_on_device") else "engine"
         for kind in ("long", "short"):
             for label, cache, scores in (
                 ("cold_scores_on", "cold", "on"),
@@ -103,7 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
                 r = eng[kind][label]
                 phase = r["score_ms_median"] if scores == "on" else r["decode_ms_median"]
                 lines.append(
-                    f"| engine | {variant} | {kind} | {cache} | {scores} | {_fmt(r['p50_ms'])} "
+                    f"| {system} | {variant} | {kind} | {cache} | {scores} | {_fmt(r['p50_ms'])} "
                     f"| {_fmt(r['p95_ms'])} | {_fmt(r['prefill_ms_median'])} | {_fmt(phase)} "
                     f"| {rss:.2f} |"
                 )

@@ -66,6 +66,7 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
         variant=cfg["variant"],
         intra_op_threads=cfg["threads"],
         prompt_token_budget=BUDGET,
+        kv_on_device=cfg.get("kv_on_device"),
     )
     engine = ArchRouterEngine(Path(cfg["artifact"]), settings)
 
