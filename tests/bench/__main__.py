@@ -19,6 +19,7 @@ from typing import Any
 
 from export.fixtures import ensure_full_shape_artifact, full_shape_name, repo_root
 from tests.bench.report import compute_floor, markdown, ratios
+from tests.bench.workers import on_gpu
 from tests.bench.workload import build_workload, describe
 
 HEAVY_LOCK = Path("/tmp/heavy.lock")
@@ -107,10 +108,6 @@ def run_worker(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
         return out
 
 
-def on_gpu(provider: str) -> bool:
-    return provider in ("cuda", "tensorrt")
-
-
 def run_baseline(kind: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
     """A baseline that fails is reported as missing; the engine's numbers still count."""
     try:
@@ -167,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             "optimum": {},
         }
         common = {"workload": workload.to_json(), "threads": args.threads}
-        gemm = "fp16 MatMul on CUDA" if on_gpu(args.provider) else "int8 MatMulInteger"
+        gpu = on_gpu({"provider": args.provider})
+        gemm = "fp16 MatMul on CUDA" if gpu else "int8 MatMulInteger"
         say(f"GEMM throughput ({gemm}, prefill MLP shape)")
         report["matmul"] = run_worker(
             "matmul", {**common, "m": 512, "k": config["hidden_size"],
