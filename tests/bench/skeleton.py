@@ -53,7 +53,7 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(g)
 
 
-def pack(variant_dir: Path, out: Path) -> dict[str, Any]:
+def pack(variant_dir: Path, out: Path, *, min_bytes: int = REDRAW_MIN_BYTES) -> dict[str, Any]:
     manifest = json.loads((variant_dir / MANIFEST_NAME).read_text())
     model = onnx.load(str(variant_dir / manifest["model_file"]), load_external_data=False)
     data_files: set[str] = set()
@@ -70,7 +70,7 @@ def pack(variant_dir: Path, out: Path) -> dict[str, Any]:
                 if len(data_files) > 1:
                     raise SystemExit(f"{variant_dir}: more than one external data file")
                 length = int(info.length)
-                if t.data_type in REDRAW and length >= REDRAW_MIN_BYTES:
+                if t.data_type in REDRAW and length >= min_bytes:
                     redraw.append((int(info.offset), length, np.dtype(REDRAW[t.data_type]).name))
                     continue
                 with (variant_dir / info.location).open("rb") as fh:
@@ -130,9 +130,11 @@ def unpack(archive: Path, dest: Path, *, seed: int = 0) -> None:
     manifest["files"] = hash_tree(tmp)
     manifest.setdefault("extra", {})["weights_redrawn"] = f"tests.bench.skeleton seed {seed}"
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists():
-        shutil.rmtree(dest)
+        dest.rename(old)  # swap, so that dest is never half-written
     tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
