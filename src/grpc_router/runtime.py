@@ -198,15 +198,25 @@ class DecoderSession:
                 provider=self.choice.name,
             )
             self.device_kv = False
-        try:
-            if self.device_kv:
+        if self.device_kv:
+            try:
                 self.session = self._bindable_session(model_file, opts)
-            else:
+            except Exception as exc:  # ORT raises its own untyped errors
+                log.warning(
+                    "could not load the graph for keeping the KV on the device; it goes "
+                    "through host memory instead",
+                    provider=self.choice.name,
+                    error=str(exc),
+                )
+                self.device_kv = False
+                self._defaults.clear()
+        if not self.device_kv:
+            try:
                 self.session = ort.InferenceSession(
                     str(model_file), opts, providers=self.choice.providers
                 )
-        except Exception as exc:  # ORT raises its own untyped errors
-            raise ArtifactError(f"onnxruntime could not load {model_file}: {exc}") from exc
+            except Exception as exc:  # ORT raises its own untyped errors
+                raise ArtifactError(f"onnxruntime could not load {model_file}: {exc}") from exc
         inputs = {i.name: i for i in self.session.get_inputs()}
         needed = {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key"}
         if not needed <= inputs.keys():

@@ -278,3 +278,22 @@ def test_kv_on_device_without_onnx_stays_on_the_host(
     ids = np.asarray([[5, 6, 7]])
     out = session.run(ids, np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_past(1))
     assert isinstance(out.present[0], np.ndarray)
+
+
+def test_kv_on_device_when_the_rewritten_graph_will_not_load(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An onnxruntime that cannot load the rewritten graph (say, without the external-data
+    folder option) serves from the artifact's own graph, the KV in host memory."""
+
+    def refuse(self: DecoderSession, model_file: Path, opts: object) -> object:
+        raise RuntimeError("unknown session option")
+
+    monkeypatch.setattr(DecoderSession, "_bindable_session", refuse)
+    session = DecoderSession(tiny_artifacts / "int8" / "model.onnx", provider="cpu", device_kv=True)
+    assert not session.device_kv and session.has_keep
+    ids = np.asarray([[5, 6, 7]])
+    out = session.run(
+        ids, np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_past(1), keep=1
+    )
+    assert isinstance(out.present[0], np.ndarray) and out.logits.shape[1] == 1
