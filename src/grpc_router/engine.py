@@ -104,8 +104,8 @@ class ArchRouterSettings(BaseModel):
         default=None,
         description="Keep the KV cache on the GPU between runs (IO binding) instead of host "
         "memory; None = on for CUDA/TensorRT. A lone request then prefills unpadded, so its "
-        "KV needs no cutting; batches still join their KV on the host. If the first run that "
-        "way fails, the engine logs it and falls back to host memory.",
+        "KV needs no cutting; batches still join their KV on the host. Without the onnx "
+        "package, or if that graph or its first run fails, it logs why and uses host memory.",
     )
     score_rows_per_run: int = Field(
         default=4,
