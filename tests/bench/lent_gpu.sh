@@ -63,10 +63,22 @@ say "artifact: fp16 variant, weights redrawn"
     python3 -m tests.bench.skeleton unpack /tmp/bundle/fp16.skel.tar.gz artifacts/full-shape/fp16 || exit 9
 
 say "bench"
+skip=(); [ "${BASELINES:-1}" = 0 ] && skip=(--skip-baselines)  # BASELINES=0: engine only
 timeout "${BENCH_TIMEOUT:-420}" python3 -m tests.bench --variants fp16 --provider cuda \
-    --out "$OUTD/reports" "$@"
+    --out "$OUTD/reports" "${skip[@]}" "$@"
 say "bench exit $?"
 say "engine only, KV through host memory (kv_on_device off), for comparison"
 timeout 180 python3 -m tests.bench --variants fp16 --provider cuda --skip-baselines \
     --kv-on-device off --out "$OUTD/reports-kv-host" "$@"
 say "bench exit $?"
+say "the same decisions either way: routes and the largest probability difference"
+python3 - "$OUTD"/reports/bench-full-shape.json "$OUTD"/reports-kv-host/bench-full-shape.json <<'PY'
+import json, sys
+on, off = (json.load(open(f))["engine"]["fp16"] for f in sys.argv[1:])
+print("kv_on_device used:", on["kv_on_device"], "-> at end", on["kv_on_device_at_end"],
+      "| comparison run:", off["kv_on_device"])
+a, b = on["long_decisions"], off["long_decisions"]
+same = sum(a[n]["route"] == b[n]["route"] for n in a)
+diff = max(abs(a[n]["scores"][r] - b[n]["scores"][r]) for n in a for r in a[n]["scores"])
+print(f"routes equal {same}/{len(a)}; max probability difference {diff:.3g}")
+PY

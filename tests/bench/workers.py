@@ -98,6 +98,10 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
                 res[label] = _summary(warm)
                 if full and kind == "long":
                     alone = {case.name: d for case, d in zip(cases, warm, strict=True)}
+                    # Kept so that two runs (KV on the device or not) can be compared.
+                    out["long_decisions"] = {
+                        n: {"route": d.route, "scores": dict(d.scores)} for n, d in alone.items()
+                    }
             out[kind] = res
         throughput, drift = {}, 0.0
         for c in cfg["concurrency"]:
