@@ -21,6 +21,7 @@ from export.decoder import (
     graph_facts,
 )
 from export.errors import ExportError
+from export.fuse import attention_kind
 from export.manifest import ArtifactBuilder, scratch_dir, set_default_variant
 from export.progress import Progress, human_size
 from export.source import Checkpoint
@@ -217,7 +218,9 @@ def export_decoder(
                     "link" if variant == "fp32" else "quantize" if "int" in variant else "convert"
                 )
                 with progress.step(f"{variant}: {label}"):
-                    model_path = build_variant(variant, fp32_model, builder.tmp, opts.settings)
+                    model_path = build_variant(
+                        variant, fp32_model, builder.tmp, opts.settings, ckpt.config
+                    )
                 copy_checkpoint_files(ckpt.path, builder.tmp)
                 report: dict[str, Any] = {
                     "checked": False,
@@ -242,6 +245,7 @@ def export_decoder(
                             **_decoder_facts(ckpt.config),
                             "targets": TARGETS[variant],
                             "streamline": streamlined,
+                            "attention": attention_kind(model_path),
                         },
                         **graph_facts(model_path),
                     )

@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--int8-block-size", type=int, default=128, help="for --int8-scheme nbits")
     parser.add_argument(
+        "--plain-attention",
+        action="store_true",
+        help="keep the int8 variant's attention as plain operators (default: one fused "
+        "GroupQueryAttention node per layer, faster on CPU; the engine then prefills one "
+        "request per run)",
+    )
+    parser.add_argument(
         "--accuracy-level",
         type=int,
         default=4,
@@ -135,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 int4_block_size=args.int4_block_size,
                 int8_block_size=args.int8_block_size,
                 int8_scheme=args.int8_scheme,
+                fused_attention=not args.plain_attention,
                 accuracy_level=args.accuracy_level,
                 symmetric=not args.asymmetric,
             ),

@@ -42,6 +42,9 @@ class QuantSettings:
     int8_scheme: str = "rowwise"
     """"rowwise": per-row dynamic int8 + MatMulInteger (exact, fast); "nbits": MatMulNBits 8-bit."""
     int8_block_size: int = 128
+    fused_attention: bool = True
+    """Row-wise int8 (the CPU variant) with each layer's attention as one GroupQueryAttention
+    node (export/fuse.py); the engine then prefills one request per run."""
 
     def for_variant(self, variant: str) -> dict[str, Any]:
         if variant == "fp32":
@@ -57,6 +60,9 @@ class QuantSettings:
                 "op_types": ["MatMul"],
                 "exact": True,
                 "exact_note": EXACT_NOTE,
+                "attention": "com.microsoft.GroupQueryAttention"
+                if self.fused_attention
+                else "plain operators",
             }
         bits = 4 if variant == "int4" else 8
         # MatMulNBits' int8 compute (accuracy_level 4) tiles rows differently for different row
@@ -181,8 +187,15 @@ def link_fp32(fp32_model: Path, out_path: Path) -> None:
                 shutil.copyfile(src, dst)
 
 
-def build_variant(variant: str, fp32_model: Path, out_dir: Path, settings: QuantSettings) -> Path:
-    """Write `variant`'s graph into out_dir; returns its .onnx path."""
+def build_variant(
+    variant: str,
+    fp32_model: Path,
+    out_dir: Path,
+    settings: QuantSettings,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write `variant`'s graph into out_dir; returns its .onnx path. `config` (the checkpoint's)
+    gives the head counts that fusing the int8 variant's attention needs."""
     out_path = out_dir / MODEL_FILE
     if variant == "fp32":
         link_fp32(fp32_model, out_path)
@@ -192,6 +205,10 @@ def build_variant(variant: str, fp32_model: Path, out_dir: Path, settings: Quant
         from export.quantize import quantize_rowwise_int8
 
         quantize_rowwise_int8(fp32_model, out_path)
+        if settings.fused_attention and config is not None:
+            from export.fuse import fuse_attention_file
+
+            fuse_attention_file(out_path, config)
     elif variant in ("int4", "int8"):
         quantize_nbits(fp32_model, out_path, bits=4 if variant == "int4" else 8, settings=settings)
     else:

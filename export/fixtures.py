@@ -264,6 +264,7 @@ def ensure_full_shape_artifact(
     import subprocess
     import sys
 
+    from export.fuse import FUSED
     from export.streamline import VERSION as STREAMLINE_VERSION
     from grpc_router.artifact import list_variants, read_manifest
 
@@ -271,13 +272,16 @@ def ensure_full_shape_artifact(
     name = full_shape_name(layers)
     wanted = [v.strip() for v in variants.split(",") if v.strip()]
     root = out / name
-    # Variants exported before the current serving rewrites (export/streamline.py) are rebuilt.
-    missing = [
-        v
-        for v in wanted
-        if v not in list_variants(root)
-        or read_manifest(root / v).extra.get("streamline", {}).get("version") != STREAMLINE_VERSION
-    ]
+
+    # Variants exported before the current serving rewrites (export/streamline.py, and the
+    # int8 variant's fused attention, export/fuse.py) are rebuilt.
+    def stale(variant: str) -> bool:
+        extra = read_manifest(root / variant).extra
+        if extra.get("streamline", {}).get("version") != STREAMLINE_VERSION:
+            return True
+        return variant == "int8" and extra.get("attention") != FUSED
+
+    missing = [v for v in wanted if v not in list_variants(root) or stale(v)]
     if not missing:
         return root
     ckpt = cached_checkpoint(

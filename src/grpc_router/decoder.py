@@ -213,6 +213,8 @@ def score_all(
     if session.has_mask4d:
         return _normalise(trie, packed_trie_logits(session, trie, prompt, root_logits)), 1
     seqs = trie.scoring_rows()
+    if session.one_row_prefill:  # fused attention: one row per run after a past
+        rows_per_run = 1
     node_logits: dict[int, FloatArray] = {0: root_logits}
     runs = 0
     for start in range(0, len(seqs), rows_per_run):
@@ -333,6 +335,17 @@ def prompt_rows(
     this bounds the activations' memory (and an older graph's every-position logits). A chunk
     boundary is like a cached-prefix boundary: aligned, it leaves the numbers unchanged."""
     batch = len(suffixes)
+    if session.one_row_prefill and batch > 1:  # fused attention: one prompt per run
+        lasts: list[FloatArray] = []
+        states: list[Rows] = []
+        for i, suffix in enumerate(suffixes):
+            own = [p[i : i + 1] for p in on_host(past)]
+            (last_i,), (rows_i,) = prompt_rows(
+                session, own, past_len, [suffix], chunk_tokens=chunk_tokens, align=align
+            )
+            lasts.append(last_i)
+            states.append(rows_i)
+        return lasts, states
     per_row = max(ALIGN, chunk_tokens // batch // ALIGN * ALIGN)
     rows = Rows(
         past,

@@ -69,9 +69,10 @@ class ArchRouterSettings(BaseModel):
     max_batch_size: int | None = Field(
         default=None,
         ge=1,
-        description="Most requests coalesced into one prefill run. None = "
-        f"{CPU_MAX_BATCH} on the CPU, {GPU_MAX_BATCH} on CUDA/TensorRT (a batch joins and cuts "
-        "its KV in host memory; there batches measured slower than requests one by one).",
+        description="Most requests coalesced into one prefill run. None = 1 for a graph with "
+        "fused attention (the int8 variant by default: its kernel prefills one request per run), "
+        f"else {CPU_MAX_BATCH} on the CPU and {GPU_MAX_BATCH} on CUDA/TensorRT (a batch joins "
+        "and cuts its KV in host memory; there batches measured slower than requests one by one).",
     )
     max_wait_us: int = Field(
         default=2000,
@@ -208,6 +209,8 @@ class ArchRouterEngine:
         """Requests per prefill run: the configured number, else one chosen for the provider."""
         if self._settings.max_batch_size is not None:
             return self._settings.max_batch_size
+        if self._session is not None and self._session.one_row_prefill:
+            return 1  # fused attention: batched requests would still prefill one by one
         return CPU_MAX_BATCH if self._on_cpu else GPU_MAX_BATCH
 
     @property
@@ -368,6 +371,8 @@ class ArchRouterEngine:
     def _run_group(self, group: list[_Prepared]) -> list[Outcome]:
         session = self._session
         assert session is not None
+        if session.one_row_prefill and len(group) > 1:  # see export/fuse.py
+            return [self._run_group([p])[0] for p in group]
         t0 = time.perf_counter()
         past, past_len = self._prefix_past(group)
         root, rows = prompt_rows(

@@ -26,6 +26,7 @@ TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 KEEP_INPUT = "logits_to_keep"
+ATTENTION_META, FUSED_ATTENTION = "grpc_router.attention", "GroupQueryAttention"
 MASK4D_INPUT = "attention_mask_4d"
 _GPU_HINT = "install onnxruntime-gpu (pip install 'grpc-router[gpu]') on a machine with CUDA"
 
@@ -238,12 +239,17 @@ class DecoderSession:
         optional = {i.name for i in self.session.get_overridable_initializers()} | inputs.keys()
         self.has_keep = KEEP_INPUT in optional
         self.has_mask4d = MASK4D_INPUT in optional
+        meta = self.session.get_modelmeta().custom_metadata_map
+        # export/fuse.py: attention as GroupQueryAttention, whose kernel takes one row per run
+        # when a past is given and more than one token is new.
+        self.one_row_prefill = meta.get(ATTENTION_META) == FUSED_ATTENTION
         log.info(
             "onnxruntime session",
             provider=self.choice.name,
             kv_on_device=self.device_kv,
             available=ort.get_available_providers(),
             layers=self.layers,
+            fused_attention=self.one_row_prefill,
             intra_op_threads=intra_op_threads,
             model=str(model_file),
         )

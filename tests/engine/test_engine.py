@@ -199,11 +199,12 @@ def test_settings_reject_unknown_fields() -> None:
 
 def test_batch_and_chunk_defaults_follow_the_provider(tiny_artifacts: Path) -> None:
     async def run() -> None:
-        default = _engine(tiny_artifacts, "int8", warmup=False)
+        default = _engine(tiny_artifacts, "int4", warmup=False)
+        fused = _engine(tiny_artifacts, "int8", warmup=False)  # attention fused: one per run
         pinned = _engine(
             tiny_artifacts, "int8", warmup=False, max_batch_size=7, prefill_chunk_tokens=64
         )
-        for engine in (default, pinned):
+        for engine in (default, fused, pinned):
             await engine.start()
         try:
             assert default.provider == CPU
@@ -212,13 +213,14 @@ def test_batch_and_chunk_defaults_follow_the_provider(tiny_artifacts: Path) -> N
                 CPU_CHUNK_TOKENS,
             )
             assert default._batcher.max_batch_size == CPU_MAX_BATCH
+            assert (fused.max_batch_size, fused._batcher.max_batch_size) == (1, 1)
             assert (pinned.max_batch_size, pinned.chunk_tokens) == (7, 64)
             assert pinned._batcher.max_batch_size == 7
             with pytest.raises(RuntimeError, match="fixed"):  # no resizing while it runs
                 pinned._batcher.max_batch_size = 2
         finally:
-            await default.close()
-            await pinned.close()
+            for engine in (default, fused, pinned):
+                await engine.close()
 
     asyncio.run(run())
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from export.fuse import fuse_attention_file
 from export.parity import DecoderSession
 from export.quantize import all_tensors, quantize_rowwise_int8
 
@@ -33,6 +35,9 @@ def test_external_data_input_gives_the_same_int8_model(
     assert count == 15  # 2 layers x 7 projections + lm_head
     graph = onnx.load(str(tmp_path / "q" / "model.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.node) == count
+    # The shipped variant also has its attention fused (export/fuse.py): do the same here.
+    config = json.loads((tiny_artifacts / "int8" / "config.json").read_text())
+    assert fuse_attention_file(tmp_path / "q" / "model.onnx", config) == 1  # not the last
     ours = DecoderSession(tmp_path / "q" / "model.onnx")
     shipped = DecoderSession(tiny_artifacts / "int8" / "model.onnx")
     ids = np.random.default_rng(1).integers(0, 1000, (1, 33))
