@@ -264,7 +264,7 @@ def ensure_full_shape_artifact(
     import subprocess
     import sys
 
-    from export.fuse import FUSED
+    from export.fuse import FUSED_ROTARY
     from export.streamline import VERSION as STREAMLINE_VERSION
     from grpc_router.artifact import list_variants, read_manifest
 
@@ -279,7 +279,7 @@ def ensure_full_shape_artifact(
         extra = read_manifest(root / variant).extra
         if extra.get("streamline", {}).get("version") != STREAMLINE_VERSION:
             return True
-        return variant == "int8" and extra.get("attention") != FUSED
+        return variant == "int8" and extra.get("attention") != FUSED_ROTARY
 
     missing = [v for v in wanted if v not in list_variants(root) or stale(v)]
     if not missing:

@@ -11,7 +11,13 @@ import onnx
 import pytest
 
 from export.decoder import QuantSettings, build_variant
-from export.fuse import ATTENTION_META, FUSED, attention_kind, fuse_attention_file
+from export.fuse import (
+    ATTENTION_META,
+    FUSED,
+    FUSED_ROTARY,
+    attention_kind,
+    fuse_attention_file,
+)
 from grpc_router.artifact import read_manifest
 from grpc_router.decoder import Trie, packed_trie_logits, prompt_rows
 from grpc_router.prompt import PromptBuilder
@@ -39,7 +45,12 @@ def test_the_int8_variant_ships_fused_and_the_others_do_not(tiny_artifacts: Path
     ops = _ops(tiny_artifacts / "int8" / "model.onnx")
     # Every layer but the last, whose queries are cut to the kept rows (streamline).
     assert ops.count(FUSED) == config["num_hidden_layers"] - 1
-    assert read_manifest(tiny_artifacts / "int8").extra["attention"] == FUSED
+    assert read_manifest(tiny_artifacts / "int8").extra["attention"] == FUSED_ROTARY
+    graph = onnx.load(str(tiny_artifacts / "int8" / "model.onnx"), load_external_data=False).graph
+    fused = [n for n in graph.node if n.op_type == FUSED]
+    # The node rotates q and k itself, from position_ids, reading the projections directly.
+    assert all(("do_rotary", 1) in {(a.name, a.i) for a in n.attribute} for n in fused)
+    assert all(n.input[9] == "position_ids" for n in fused)
     for variant in ("int4", "fp16", "fp32"):
         assert FUSED not in _ops(tiny_artifacts / variant / "model.onnx")
         assert read_manifest(tiny_artifacts / variant).extra["attention"] == "plain operators"
