@@ -60,9 +60,6 @@ class QuantSettings:
                 "op_types": ["MatMul"],
                 "exact": True,
                 "exact_note": EXACT_NOTE,
-                "attention": "com.microsoft.GroupQueryAttention"
-                if self.fused_attention
-                else "plain operators",
             }
         bits = 4 if variant == "int4" else 8
         # MatMulNBits' int8 compute (accuracy_level 4) tiles rows differently for different row

@@ -43,8 +43,10 @@ from onnx import TensorProto, helper, numpy_helper
 from export.quantize import _write_aligned
 from export.streamline import _PREFIX, BIAS, _Graph, _perm, _prune
 
-ATTENTION_META = "grpc_router.attention"
-FUSED = "GroupQueryAttention"
+# The metadata by which the server knows a graph's attention is fused.
+from grpc_router.runtime import ATTENTION_META
+from grpc_router.runtime import FUSED_ATTENTION as FUSED
+
 FUSED_ROTARY = "GroupQueryAttention, rotary inside"
 SEQLENS, TOTAL = f"{_PREFIX}.gqa.seqlens_k", f"{_PREFIX}.gqa.total"
 COS, SIN = f"{_PREFIX}.gqa.cos_cache", f"{_PREFIX}.gqa.sin_cache"

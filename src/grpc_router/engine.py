@@ -371,8 +371,6 @@ class ArchRouterEngine:
     def _run_group(self, group: list[_Prepared]) -> list[Outcome]:
         session = self._session
         assert session is not None
-        if session.one_row_prefill and len(group) > 1:  # see export/fuse.py
-            return [self._run_group([p])[0] for p in group]
         t0 = time.perf_counter()
         past, past_len = self._prefix_past(group)
         root, rows = prompt_rows(
