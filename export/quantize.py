@@ -11,6 +11,11 @@ becomes
 with `w_q` int8 and `scale_w` per output column (symmetric, no zero points). Each row's
 quantization only sees that row, and the int32 accumulation is exact whatever the kernel's
 tiling, so a row's output is bit-identical alone, padded, batched or after a cached prefix.
+
+A row's quantization does not change when the row is scaled, so where a product only reaches
+the next quantized MatMul through an element-wise Mul (the MLP's up projection: `act(gate) *
+up` -> down), its `* scale_x` moves to that MatMul's output as one factor per row: a pass over
+a [tokens, intermediate] tensor less per layer.
 """
 
 from __future__ import annotations
@@ -101,23 +106,47 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> dic
         # uint8 activations with zero point 128: onnxruntime's fast integer GEMM is u8 x s8.
         "zp": numpy_helper.from_array(np.array(128, np.uint8), "rowwise_q.zp"),
     }
+
+    def eligible(node: onnx.NodeProto) -> bool:
+        init = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        return (
+            init is not None
+            and len(init.dims) == 2
+            and init.data_type == TensorProto.FLOAT
+            and int(np.prod(init.dims)) >= min_weight_elements
+        )
+
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    # MatMul output -> its only reader, a Mul -> whose only reader, a MatMul, takes it as x:
+    # that MatMul's output takes the first one's row scale (by its output name).
+    deferred: dict[str, str] = {}
+    for node in graph.node:
+        if not eligible(node):
+            continue
+        (mul, *more) = readers.get(node.output[0], [None])
+        if more or mul is None or mul.op_type != "Mul":
+            continue
+        (nxt, *more) = readers.get(mul.output[0], [None])
+        if not more and nxt is not None and eligible(nxt) and nxt.input[0] == mul.output[0]:
+            deferred[nxt.output[0]] = node.output[0]
+    row_scale: dict[str, str] = {}  # MatMul output -> its x_scale
+
     new_nodes: list[onnx.NodeProto] = []
     replaced: set[str] = set()
     plan: dict[str, str] = {}
     count = 0
     for node in graph.node:
-        weight_name = node.input[1] if node.op_type == "MatMul" else ""
-        init = inits.get(weight_name)
-        if (
-            init is None
-            or len(init.dims) != 2
-            or init.data_type != TensorProto.FLOAT
-            or int(np.prod(init.dims)) < min_weight_elements
-        ):
+        if not eligible(node):
             new_nodes.append(node)
             continue
+        weight_name = node.input[1]
+        init = inits[weight_name]
         x, y = node.input[0], node.output[0]
         p = f"{node.name or y}/rowwise_q"
+        row_scale[y] = f"{p}.x_scale"
         graph.initializer.append(_placeholder(f"{p}.w_q", TensorProto.INT8, init.dims))
         graph.initializer.append(_placeholder(f"{p}.w_scale", TensorProto.FLOAT, init.dims[1:]))
         plan[f"{p}.w_q"] = plan[f"{p}.w_scale"] = weight_name
@@ -158,16 +187,32 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> dic
             ),
             helper.make_node("Shape", [x], [f"{p}.xshape"], name=f"{p}/XShape"),
             helper.make_node("Reshape", [f"{p}.xq2d", f"{p}.xshape"], [f"{p}.x_q"], name=f"{p}/Xq"),
-            # Exact int32 accumulation; the per-column weight scale is applied per element.
-            helper.make_node(
-                "MatMulIntegerToFloat",
-                [f"{p}.x_q", f"{p}.w_q", shared["one"].name, f"{p}.w_scale", shared["zp"].name],
-                [f"{p}.yw"],
-                domain="com.microsoft",
-                name=f"{p}/MatMulIntegerToFloat",
-            ),
-            helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale"], [y], name=f"{p}/MulX"),
         ]
+        # Exact int32 accumulation; the per-column weight scale is applied per element.
+        integer = helper.make_node(
+            "MatMulIntegerToFloat",
+            [f"{p}.x_q", f"{p}.w_q", shared["one"].name, f"{p}.w_scale", shared["zp"].name],
+            [f"{p}.yw"],
+            domain="com.microsoft",
+            name=f"{p}/MatMulIntegerToFloat",
+        )
+        if y in deferred.values():  # its row scale is applied after the next MatMul
+            integer.output[0] = y
+            new_nodes.append(integer)
+        elif y in deferred:
+            new_nodes += [
+                integer,
+                helper.make_node(
+                    "Mul", [f"{p}.x_scale", row_scale[deferred[y]]], [f"{p}.x_scale2"],
+                    name=f"{p}/Scale2",
+                ),
+                helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale2"], [y], name=f"{p}/MulX"),
+            ]  # fmt: skip
+        else:
+            new_nodes += [
+                integer,
+                helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale"], [y], name=f"{p}/MulX"),
+            ]
         count += 1
     if count:
         graph.initializer.extend(shared.values())

@@ -13,10 +13,11 @@ of a layer's 73 ms). The rewrites:
 - an optional `attention_mask_4d` input ([batch, 1, seq, past+seq] int64, 1 = may attend;
   default one 1 that broadcasts) narrows that mask further, so that a trie of continuations can
   be scored in one sequence (each token attends to the prompt and its own ancestors);
-- an optional `logits_to_keep` input (0, the default: every position; n: the last n; -1: each
-  right-padded row's last real token) slices the hidden states: a prefill needs one position per
-  row, not a [seq, vocab] float matrix, and past its K/V projections (which every position
-  needs, for the cache) the last layer runs on the kept rows only.
+- an optional `logits_to_keep` input (0, the default: every position; n: the last n; -m: each
+  right-padded row's last m real tokens) slices the hidden states: a prefill needs one position
+  per row (or its last token and a trie of continuations fed after it), not a [seq, vocab]
+  float matrix, and past its K/V projections (which every position needs, for the cache) the
+  last layer runs on the kept rows only.
 
 Both inputs are initializers a caller may override, so Optimum and other callers see the graph
 they know. Every row's numbers stay independent of its batch neighbours, padding and the prefix
@@ -37,6 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from grpc_router.runtime import KEEP_LAST_M, KEEP_META
+
 KEEP_INPUT = "logits_to_keep"
 MASK4D_INPUT = "attention_mask_4d"
 LOGITS = "logits"
@@ -47,7 +50,7 @@ ROW_TILE = 16  # = grpc_router.decoder.ALIGN
 
 
 # Bumped whenever the rewrites change, so that built artifacts can tell they are stale.
-VERSION = 2
+VERSION = 3
 
 
 @dataclass
@@ -335,8 +338,8 @@ def _lm_head(g: _Graph) -> tuple[str, list[onnx.NodeProto]] | None:
 
 
 def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
-    """`logits_to_keep` n: 0 = every position, n > 0 = the last n, -1 = each row's last token
-    whose attention_mask is 1 (right-padded rows: one [batch, 1, vocab] row each)."""
+    """`logits_to_keep` n: 0 = every position, n > 0 = the last n, -m = each row's last m
+    tokens whose attention_mask is 1 (right-padded rows: [batch, m, vocab])."""
     if LOGITS not in g.outputs or KEEP_INPUT in {i.name for i in g.graph.input}:
         return
     found = _lm_head(g)
@@ -352,6 +355,7 @@ def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
         "zero": np.array(0, np.int64),
         "one": np.array(1, np.int64),
         "row_shape": np.array([-1, 1, 1], np.int64),
+        "step_shape": np.array([1, -1, 1], np.int64),
         "tile": np.array(ROW_TILE, np.int64),
         "tile_less_one": np.array(ROW_TILE - 1, np.int64),
     }
@@ -378,7 +382,13 @@ def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
             node("ReduceSum", ["attention_mask", names["axes"]], "real", keepdims=0),
             node("Sub", [v("real"), v("past")], "count"),
             node("Sub", [v("count"), names["one"]], "last"),
-            node("ReduceMin", [v("last")], "first_last", keepdims=0),
+            # per-row mode: m = -keep rows end at each row's last real token
+            node("Less", [KEEP_INPUT, names["zero"]], "per_row"),
+            node("Neg", [KEEP_INPUT], "neg_keep"),
+            node("Max", [v("neg_keep"), names["one"]], "m"),
+            node("Sub", [v("last"), v("m")], "before_first"),
+            node("Add", [v("before_first"), names["one"]], "first"),
+            node("ReduceMin", [v("first")], "first_last", keepdims=0),
             # ... rounded up to whole 16-row tiles (the engine aligns rows the same way).
             node("Sub", [v("seq"), v("first_last")], "span"),
             node("Add", [v("span"), names["tile_less_one"]], "span_up"),
@@ -386,20 +396,22 @@ def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
             node("Mul", [v("tiles"), names["tile"]], "tiled"),
             node("Min", [v("tiled"), v("seq")], "rows_n"),
             # n = the rows the last layer and lm_head keep; start = -n (0 keeps them all).
-            node("Less", [KEEP_INPUT, names["zero"]], "per_row"),
             node("Where", [v("per_row"), v("rows_n"), KEEP_INPUT], "n"),
             node("Neg", [v("n")], "neg"),
             helper.make_node("Unsqueeze", [v("neg"), names["axis0"]], [KEEP_START], name=f"{p}/S"),
         ],
     )
     kept = v("hidden")
-    # Per-row mode: each row's own last position out of the kept window, [batch, 1, hidden].
+    # Per-row mode: each row's own last m positions out of the kept window, [batch, m, hidden].
     then_graph = helper.make_graph(
         [
             node("Sub", [v("seq"), v("n")], "window"),
-            node("Sub", [v("last"), v("window")], "at"),
+            node("Sub", [v("first"), v("window")], "at"),
             node("Reshape", [v("at"), names["row_shape"]], "at3"),
-            node("Expand", [v("at3"), v("expand_to")], "index"),
+            node("Range", [names["zero"], v("m"), names["one"]], "steps"),
+            node("Reshape", [v("steps"), names["step_shape"]], "steps3"),
+            node("Add", [v("at3"), v("steps3")], "at_m"),
+            node("Expand", [v("at_m"), v("expand_to")], "index"),
             node("GatherElements", [kept, v("index")], "row_last", axis=1),
         ],
         "keep_row_last",
@@ -420,11 +432,12 @@ def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
                 "Slice", [hidden, KEEP_START, names["end"], names["axes"]], [kept],
                 name=f"{p}/Slice",
             ),
-            # [batch, 1, hidden] target of the per-row gather's index
+            # [batch, m, hidden] target of the per-row gather's index
             helper.make_node("Shape", [kept], [v("kdims")], name=f"{p}/kdims"),
             node("Gather", [v("kdims"), names["axis0"]], "b"),
             helper.make_node("Shape", [kept], [v("hdim")], name=f"{p}/hdim", start=2),
-            node("Concat", [v("b"), names["axes"], v("hdim")], "expand_to", axis=0),
+            node("Unsqueeze", [v("m"), names["axis0"]], "m1"),
+            node("Concat", [v("b"), v("m1"), v("hdim")], "expand_to", axis=0),
             helper.make_node(
                 "If", [v("per_row")], [v("selected")], name=f"{p}/If",
                 then_branch=then_graph, else_branch=else_graph,
@@ -537,6 +550,10 @@ def streamline(
     _trim_last_layer(g, report)
     g.commit()
     _prune(model.graph)
+    if report.logits_to_keep:
+        onnx.helper.set_model_props(
+            model, {**{p.key: p.value for p in model.metadata_props}, KEEP_META: KEEP_LAST_M}
+        )
     return report
 
 

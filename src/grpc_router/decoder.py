@@ -4,8 +4,10 @@ A decision must not depend on its batch neighbours, on padding or on the prefix 
 on onnxruntime's CPU kernels: padding *before* a row's tokens (left padding, or a gap between
 its past and its new tokens) changes the last bits of its logits, and so do quantized MatMul
 tiles that straddle two rows. So only the prefill is batched across requests, over one shared
-past length, with every row right-padded to a multiple of ALIGN; the trie runs after it use one
-request's rows only (tests prove the property per variant).
+past length, with every row right-padded to a multiple of ALIGN. The trie nodes a decision needs
+follow each prompt in its own row of that run (`prompt_and_trie`: one pass over the weights per
+decision); graphs exported before that was possible run them afterwards, on one request's rows
+only (tests prove the property per variant).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
-from grpc_router.errors import InvalidArgument
+from grpc_router.errors import ArtifactError, InvalidArgument
 from grpc_router.runtime import DecoderSession, FloatArray, Int64Array, KVTensor, on_host
 
 PAD_ID = 0
@@ -39,6 +42,7 @@ class Trie:
 
     def __init__(self, paths: dict[str, tuple[int, ...]]) -> None:
         self.paths = paths
+        self._tails: dict[bool, TrieTail] = {}
         self.nodes: list[Node] = [Node(routes=list(paths))]
         self.leaf: dict[str, int] = {}
         for name, path in paths.items():
@@ -64,6 +68,15 @@ class Trie:
     def descend(self, node: int, token: int) -> int:
         return self.nodes[node].children[token]
 
+    def tail(self, *, full: bool) -> TrieTail:
+        """The nodes whose logits a decision needs, as one tree-masked sequence: every internal
+        node for full scores, else those still shared by several routes (the greedy walk stops
+        at the first unique one)."""
+        found = self._tails.get(full)
+        if found is None:
+            found = self._tails[full] = TrieTail.of(self, full=full)
+        return found
+
     def scoring_rows(self) -> list[tuple[int, ...]]:
         """Token sequences whose logits cover every internal node: each leaf's path minus its
         last token, skipping those that are a prefix of another (their logits come for free)."""
@@ -77,6 +90,55 @@ class Trie:
 
 def _is_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) < len(b) and b[: len(a)] == a
+
+
+@dataclass(frozen=True, slots=True)
+class TrieTail:
+    """Trie nodes fed after a prompt in one sequence, parents before children (depth first,
+    children by token id: the same layout every time). Each sits at its depth's position and
+    may attend to the prompt, its ancestors and itself, so one run gives every node's
+    next-token logits: the prompt's own prefill run, or one of their own after its KV."""
+
+    nodes: tuple[int, ...]
+    tokens: tuple[int, ...]
+    offsets: npt.NDArray[np.int64]
+    """Position of each node after the prompt's last token: its depth - 1."""
+    sees: npt.NDArray[np.int64]
+    """[n, n]: 1 where node i may attend to node j (an ancestor, or itself)."""
+
+    @staticmethod
+    def of(trie: Trie, *, full: bool) -> TrieTail:
+        def wanted(node: int) -> bool:
+            return bool(trie.nodes[node].children) if full else not trie.unique(node)
+
+        order: list[int] = []
+        parent: dict[int, int] = {}
+        token: dict[int, int] = {}
+        stack = [0]
+        while stack:
+            at = stack.pop()
+            for tok, child in sorted(trie.nodes[at].children.items(), reverse=True):
+                if wanted(child):  # wanted nodes' ancestors are wanted too
+                    parent[child], token[child] = at, tok
+                    stack.append(child)
+            if at:
+                order.append(at)
+        slot = {node: i for i, node in enumerate(order)}
+        sees = np.zeros((len(order), len(order)), dtype=np.int64)
+        for i, node in enumerate(order):
+            at = node
+            while at:
+                sees[i, slot[at]] = 1
+                at = parent[at]
+        return TrieTail(
+            tuple(order),
+            tuple(token[n] for n in order),
+            np.asarray([trie.nodes[n].depth - 1 for n in order], dtype=np.int64),
+            sees,
+        )
+
+    def __len__(self) -> int:
+        return len(self.nodes)
 
 
 @dataclass(slots=True)
@@ -114,6 +176,14 @@ class Rows:
             [p[i : i + 1, :, :length] for p in on_host(self.past)],
             self.mask[i : i + 1, :length],
             self.next_pos[i : i + 1],
+        )
+
+    def cut(self, length: int) -> Rows:
+        """Every row cut to its first `length` positions (rows of equal real length)."""
+        return Rows(
+            [p[:, :, :length] for p in on_host(self.past)],
+            self.mask[:, :length],
+            self.next_pos,
         )
 
     def copy(self) -> Rows:
@@ -232,41 +302,28 @@ def score_all(
 def packed_trie_logits(
     session: DecoderSession, trie: Trie, prompt: Rows, root_logits: FloatArray
 ) -> dict[int, FloatArray]:
-    """Logits at every internal trie node from one run: the internal nodes (parents before
-    children) form one sequence after the prompt; each is placed at its depth's position and
-    may attend to the prompt, its ancestors and itself. The prompt's KV is used as it is, not
-    copied per continuation."""
-    order: list[int] = []
-    parent: dict[int, int] = {}
-    stack = [0]
-    while stack:  # depth-first, children by token id: the same layout every time
-        at = stack.pop()
-        for _, child in sorted(trie.nodes[at].children.items(), reverse=True):
-            if trie.nodes[child].children:  # leaves need no logits
-                parent[child] = at
-                stack.append(child)
-        if at:
-            order.append(at)
+    """Logits at every internal trie node from one run after the prompt's KV, for graphs that
+    cannot take the trie in the prompt's own run."""
+    return tail_logits(session, trie.tail(full=True), prompt, root_logits)
+
+
+def tail_logits(
+    session: DecoderSession, tail: TrieTail, prompt: Rows, root_logits: FloatArray
+) -> dict[int, FloatArray]:
+    """A tail's node logits from one run after the prompt's KV, used as it is (not copied per
+    continuation)."""
     node_logits: dict[int, FloatArray] = {0: root_logits}
-    if not order:
+    if not tail:
         return node_logits
-    slot = {node: i for i, node in enumerate(order)}
-    token = {child: tok for n in trie.nodes for tok, child in n.children.items()}
-    past_len, size = prompt.length, len(order)
+    past_len, size = prompt.length, len(tail)
     allowed = np.zeros((1, 1, size, past_len + size), dtype=np.int64)
     allowed[..., :past_len] = prompt.mask[0]
-    for i, node in enumerate(order):
-        at = node
-        while at:
-            allowed[0, 0, i, past_len + slot[at]] = 1
-            at = parent.get(at, 0)
-    ids = np.asarray([[token[n] for n in order]], dtype=np.int64)
-    positions = prompt.next_pos[:, None] + np.asarray(
-        [[trie.nodes[n].depth - 1 for n in order]], dtype=np.int64
-    )
+    allowed[0, 0, :, past_len:] = tail.sees
+    ids = np.asarray([tail.tokens], dtype=np.int64)
+    positions = prompt.next_pos[:, None] + tail.offsets[None, :]
     mask = np.concatenate([prompt.mask, np.ones((1, size), dtype=np.int64)], axis=1)
     out = session.run(ids, mask, positions, prompt.past, mask4d=allowed)
-    for i, node in enumerate(order):
+    for i, node in enumerate(tail.nodes):
         node_logits[node] = out.logits[0, i]  # views: this run's logits are not reused
     return node_logits
 
@@ -291,6 +348,28 @@ def _normalise(trie: Trie, node_logits: dict[int, FloatArray]) -> Outcome:
         at = trie.descend(at, best_child(trie, at, node_logits[at]))
     route = trie.nodes[at].routes[0]
     return Outcome(route, scores[route], scores)
+
+
+def outcome_of(trie: Trie, node_logits: dict[int, FloatArray], *, full: bool) -> Outcome:
+    """The decision from the logits of a `Trie.tail(full=...)` (root included): normalised
+    scores of every route, or (`full` False) the greedy route alone, with the confidence
+    `greedy` gives it."""
+    if full:
+        return _normalise(trie, node_logits)
+    at, logp = 0, 0.0
+    while True:  # the steps of `greedy`, reading the logits instead of running the model
+        tok = best_child(trie, at, node_logits[at])
+        logp += log_softmax_at(node_logits[at], [tok])[tok]
+        at = _chain_end(trie, trie.descend(at, tok))
+        if trie.unique(at):
+            return Outcome(trie.nodes[at].routes[0], math.exp(logp), {})
+
+
+def _chain_end(trie: Trie, at: int) -> int:
+    """Past single-child nodes that are still shared: their one continuation is not a choice."""
+    while not trie.unique(at) and len(trie.nodes[at].children) == 1:
+        at = trie.descend(at, next(iter(trie.nodes[at].children)))
+    return at
 
 
 def greedy(
@@ -334,14 +413,72 @@ def prompt_rows(
     Long suffixes go in chunks (a multiple of ALIGN per row, about `chunk_tokens` per run):
     this bounds the activations' memory (and an older graph's every-position logits). A chunk
     boundary is like a cached-prefix boundary: aligned, it leaves the numbers unchanged."""
+    logits, rows = _prefill(session, past, past_len, suffixes, None, chunk_tokens, align)
+    return [node_logits[0] for node_logits in logits], rows
+
+
+def prompt_and_trie(
+    session: DecoderSession,
+    past: list[KVTensor],
+    past_len: int,
+    suffixes: Sequence[Sequence[int]],
+    tails: Sequence[TrieTail],
+    *,
+    chunk_tokens: int = 512,
+    align: int = ALIGN,
+) -> list[dict[int, FloatArray]]:
+    """`prompt_rows` with each prompt's trie tail fed after its last token in the same run
+    (graphs with `keeps_last_m`): the logits of every node a decision needs (0: the prompt's
+    last token) from one pass over the weights, instead of a run per step or a trie run after
+    the prefill. The tail starts where the prompt ends, whatever the batch, so a row's numbers
+    do not depend on its neighbours."""
+    if not session.keeps_last_m:
+        raise ArtifactError("the graph cannot keep a trie's logits per row; re-run make export")
+    logits, _ = _prefill(session, past, past_len, suffixes, tails, chunk_tokens, align)
+    return logits
+
+
+def _prefill(
+    session: DecoderSession,
+    past: list[KVTensor],
+    past_len: int,
+    suffixes: Sequence[Sequence[int]],
+    tails: Sequence[TrieTail] | None,
+    chunk_tokens: int,
+    align: int,
+) -> tuple[list[dict[int, FloatArray]], list[Rows]]:
     batch = len(suffixes)
+    if session.one_row_prefill and tails and not past_len:
+        # The fused kernel rotates a run without a past by index, not by position_ids: the
+        # trie (positions by depth) goes in a run with one (an aligned chunk boundary, which
+        # changes no number), or after the prompt if it is too short to split.
+        split: list[dict[int, FloatArray]] = []
+        split_rows: list[Rows] = []
+        for suffix, tail in zip(suffixes, tails, strict=True):
+            head = (len(suffix) - 1) // ALIGN * ALIGN
+            if not head:
+                (root,), (alone,) = _prefill(
+                    session, session.empty_past(1), 0, [suffix], None, chunk_tokens, align
+                )
+                split.append(tail_logits(session, tail, alone, root[0]))
+                split_rows.append(alone)
+                continue
+            _, (state,) = _prefill(
+                session, session.empty_past(1), 0, [suffix[:head]], None, chunk_tokens, ALIGN
+            )
+            (last_i,), (rows_i,) = _prefill(
+                session, state.past, head, [suffix[head:]], [tail], chunk_tokens, align
+            )
+            split.append(last_i)
+            split_rows.append(rows_i)
+        return split, split_rows
     if session.one_row_prefill and batch > 1:  # fused attention: one prompt per run
-        lasts: list[FloatArray] = []
+        lasts: list[dict[int, FloatArray]] = []
         states: list[Rows] = []
         for i, suffix in enumerate(suffixes):
             own = [p[i : i + 1] for p in on_host(past)]
-            (last_i,), (rows_i,) = prompt_rows(
-                session, own, past_len, [suffix], chunk_tokens=chunk_tokens, align=align
+            (last_i,), (rows_i,) = _prefill(
+                session, own, past_len, [suffix], tails and tails[i : i + 1], chunk_tokens, align
             )
             lasts.append(last_i)
             states.append(rows_i)
@@ -352,18 +489,22 @@ def prompt_rows(
         np.ones((batch, past_len), dtype=np.int64),
         np.full((batch,), past_len, dtype=np.int64),
     )
-    last: dict[int, FloatArray] = {}
+    last: dict[int, dict[int, FloatArray]] = {}
     done: dict[int, Rows] = {}
     active = list(range(batch))
     offset = 0
     while active:
         pieces = [suffixes[i][offset : offset + per_row] for i in active]
-        logits, rows = extend(session, rows, pieces, align=align, last_only=True)
         offset += per_row
+        ending = [len(suffixes[i]) <= offset for i in active]
+        row_tails = [
+            tails[i] if tails and end else None for i, end in zip(active, ending, strict=True)
+        ]
+        logits, rows = _feed(session, rows, pieces, row_tails, align)
         keep: list[int] = []
         for r, i in enumerate(active):
-            if len(suffixes[i]) <= offset:
-                last[i] = logits[r][-1].copy()
+            if ending[r]:
+                last[i] = {node: out.copy() for node, out in logits[r].items()}
                 done[i] = rows.row(r, past_len + len(suffixes[i]))
                 if rows.batch > 1:  # a view would keep the whole batch's KV alive
                     done[i] = done[i].copy()
@@ -372,5 +513,47 @@ def prompt_rows(
         del logits
         if keep and len(keep) < len(active):
             rows = rows.take(keep)
+        if keep and rows.length > past_len + offset:  # a neighbour's trie made the run wider
+            rows = rows.cut(past_len + offset)
         active = [active[r] for r in keep]
     return [last[i] for i in range(batch)], [done[i] for i in range(batch)]
+
+
+def _feed(
+    session: DecoderSession,
+    rows: Rows,
+    pieces: Sequence[Sequence[int]],
+    tails: Sequence[TrieTail | None],
+    align: int,
+) -> tuple[list[dict[int, FloatArray]], Rows]:
+    """One prefill run: each row's piece, then its tail if it has one; each row's logits at
+    its piece's last token (key 0) and at its tail's nodes."""
+    if not any(tails):
+        logits, rows = extend(session, rows, pieces, align=align, last_only=True)
+        return [{0: row[-1]} for row in logits], rows
+    counts = [len(p) for p in pieces]
+    seqs = [[*p, *(t.tokens if t else ())] for p, t in zip(pieces, tails, strict=True)]
+    width = -(-max(len(q) for q in seqs) // align) * align
+    ids = np.full((rows.batch, width), PAD_ID, dtype=np.int64)
+    new_mask = np.zeros((rows.batch, width), dtype=np.int64)
+    positions = rows.next_pos[:, None] + np.arange(width, dtype=np.int64)[None, :]
+    # [batch, 1, seq, past+seq], ANDed with the graph's causal and padding mask
+    allowed = np.ones((rows.batch, 1, width, rows.length + width), dtype=np.int64)
+    for r, (seq, n, tail) in enumerate(zip(seqs, counts, tails, strict=True)):
+        ids[r, : len(seq)] = seq
+        new_mask[r, : len(seq)] = 1
+        if tail:
+            k, at = len(tail), rows.length + n
+            positions[r, n : n + k] = rows.next_pos[r] + n + tail.offsets
+            allowed[r, 0, n : n + k, at : at + k] = tail.sees
+    keep = 1 + max(len(t) if t else 0 for t in tails)  # each row's last real `keep` tokens
+    mask = np.concatenate([rows.mask, new_mask], axis=1)
+    out = session.run(ids, mask, positions, rows.past, keep=-keep, mask4d=allowed)
+    result: list[dict[int, FloatArray]] = []
+    for r, tail in enumerate(tails):
+        k = len(tail) if tail else 0
+        node_logits = {0: out.logits[r, keep - 1 - k]}  # the piece's last token
+        for i, node in enumerate(tail.nodes if tail else ()):
+            node_logits[node] = out.logits[r, keep - k + i]
+        result.append(node_logits)
+    return result, Rows(out.present, mask, rows.next_pos + np.asarray(counts, dtype=np.int64))

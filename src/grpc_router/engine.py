@@ -20,7 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from grpc_router.artifact import load_artifact, manifest_summary, resolve_variant_dir
 from grpc_router.batcher import Batcher, Job
-from grpc_router.decoder import ALIGN, Outcome, Trie, greedy, prompt_rows, score_all
+from grpc_router.decoder import (
+    ALIGN,
+    Outcome,
+    Trie,
+    greedy,
+    outcome_of,
+    prompt_and_trie,
+    prompt_rows,
+    score_all,
+)
 from grpc_router.errors import EngineUnavailable, RouterError
 from grpc_router.kvcache import PrefixCache, PrefixKV, stack_past
 from grpc_router.metrics import observe_batch_size
@@ -156,7 +165,6 @@ class _Prepared:
     trie: Trie
     full_scores: bool
     cached_tokens: int = 0
-    steps: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -373,27 +381,40 @@ class ArchRouterEngine:
         assert session is not None
         t0 = time.perf_counter()
         past, past_len = self._prefix_past(group)
+        suffixes = [p.prompt.ids[past_len:] for p in group]
+        trie = group[0].trie
+        # Unpadded when the KV stays on the device: cutting padding off would need the host.
+        align = 1 if session.device_kv and len(group) == 1 else ALIGN
+        if session.keeps_last_m and session.has_mask4d:
+            # The trie nodes a decision needs go in the prompt's own run: one pass over the
+            # weights per decision (a single-token step costs a whole pass of them).
+            tails = [trie.tail(full=p.full_scores) for p in group]
+            nodes = prompt_and_trie(
+                session, past, past_len, suffixes, tails, chunk_tokens=self.chunk_tokens,
+                align=align,
+            )  # fmt: skip
+            prefill_ms = (time.perf_counter() - t0) * 1e3
+            outcomes = []
+            for p, node_logits in zip(group, nodes, strict=True):
+                t = time.perf_counter()
+                outcomes.append(outcome_of(trie, node_logits, full=p.full_scores))
+                p.timings["prefill"] = prefill_ms
+                p.timings["score" if p.full_scores else "decode"] = (time.perf_counter() - t) * 1e3
+            return outcomes
         root, rows = prompt_rows(
-            session,
-            past,
-            past_len,
-            [p.prompt.ids[past_len:] for p in group],
-            chunk_tokens=self.chunk_tokens,
-            # Unpadded when the KV stays on the device: cutting padding off would need the host.
-            align=1 if session.device_kv and len(group) == 1 else ALIGN,
+            session, past, past_len, suffixes, chunk_tokens=self.chunk_tokens, align=align
         )
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        outcomes: list[Outcome | None] = [None] * len(group)
-        trie = group[0].trie
-        for i, p in enumerate(group):
+        outcomes = []
+        for i, p in enumerate(group):  # graphs from before the trie could join the prefill
             t = time.perf_counter()
             if p.full_scores:
-                outcomes[i], p.steps = score_all(
+                outcome, _ = score_all(
                     session, trie, rows[i], root[i], rows_per_run=self._settings.score_rows_per_run
                 )
             else:
-                outcomes[i], p.steps = greedy(session, trie, rows[i], root[i])
-            p.timings["score" if p.full_scores else "decode"] = (time.perf_counter() - t) * 1e3
-        for p in group:
+                outcome, _ = greedy(session, trie, rows[i], root[i])
+            outcomes.append(outcome)
             p.timings["prefill"] = prefill_ms
-        return [o for o in outcomes if o is not None]
+            p.timings["score" if p.full_scores else "decode"] = (time.perf_counter() - t) * 1e3
+        return outcomes

@@ -27,6 +27,9 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 KEEP_INPUT = "logits_to_keep"
 ATTENTION_META, FUSED_ATTENTION = "grpc_router.attention", "GroupQueryAttention"
+# Graphs whose `logits_to_keep` -m keeps each row's last m tokens (older ones read any
+# negative value as -1, the last token only).
+KEEP_META, KEEP_LAST_M = "grpc_router.logits_to_keep", "per-row last m"
 MASK4D_INPUT = "attention_mask_4d"
 _GPU_HINT = "install onnxruntime-gpu (pip install 'grpc-router[gpu]') on a machine with CUDA"
 
@@ -243,6 +246,8 @@ class DecoderSession:
         # export/fuse.py: attention as GroupQueryAttention, whose kernel takes one row per run
         # when a past is given and more than one token is new.
         self.one_row_prefill = meta.get(ATTENTION_META) == FUSED_ATTENTION
+        # A trie can then be fed in the prompt's own run (decoder.TrieTail).
+        self.keeps_last_m = self.has_keep and meta.get(KEEP_META) == KEEP_LAST_M
         log.info(
             "onnxruntime session",
             provider=self.choice.name,
@@ -296,8 +301,9 @@ class DecoderSession:
         mask4d: Int64Array | None = None,
     ) -> StepOutput:
         """One forward pass; `keep` > 0 asks for the logits of the last `keep` positions only,
-        -1 (graphs with `has_keep`) for each row's last unpadded one, [batch, 1, vocab] (the
-        rest of the work, the KV included, is the same); `mask4d` [batch, 1, seq,
+        -1 (graphs with `has_keep`) for each row's last unpadded one, [batch, 1, vocab], -m
+        (graphs with `keeps_last_m`) for its last m, [batch, m, vocab] (the rest of the work,
+        the KV included, is the same); `mask4d` [batch, 1, seq,
         past+seq] (graphs with `has_mask4d`) removes what each new token may attend to."""
         feed: dict[str, Any] = {
             "input_ids": input_ids,

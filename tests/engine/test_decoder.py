@@ -15,7 +15,9 @@ from grpc_router.decoder import (
     Trie,
     extend,
     greedy,
+    outcome_of,
     packed_trie_logits,
+    prompt_and_trie,
     prompt_rows,
     score_all,
 )
@@ -36,6 +38,15 @@ MESSAGES = [
     Message(Role.ASSISTANT, "How many do you need?"),
     Message(Role.USER, "Four, to Fresno on Saturday morning."),
 ]
+
+
+TRIE_PATHS = {
+    "a": (7, 9, 11, 3),
+    "b": (7, 9, 12, 3),
+    "c": (7, 13, 3),
+    "d": (8, 3),
+    "e": (14, 15, 16, 17, 3),
+}
 
 
 def _setup(artifacts: Path, variant: str) -> tuple[DecoderSession, PromptBuilder, Prompt]:
@@ -90,19 +101,25 @@ def test_constrained_equals_plain_greedy(tiny_artifacts: Path, variant: str) -> 
     assert scored.route == "target"
 
 
+def _assert_path_logits(
+    session: DecoderSession, trie: Trie, prompt: Rows, nodes: dict[int, np.ndarray]
+) -> None:
+    """Each node's logits are those of its own path fed after a copy of the prompt's KV."""
+    for seq in trie.scoring_rows():
+        logits, _ = extend(session, prompt, [seq])
+        at = 0
+        for d, tok in enumerate(seq):
+            at = trie.descend(at, tok)
+            np.testing.assert_allclose(nodes[at], logits[0][d], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
 def test_packed_trie_equals_one_row_per_continuation(tiny_artifacts: Path, variant: str) -> None:
     """The whole trie in one sequence (tree mask) gives each node the logits it gets when its
     path is fed on its own after a copy of the prompt's KV."""
     session, _, prompt = _setup(tiny_artifacts, variant)
     assert session.has_mask4d and session.has_keep
-    paths = {
-        "a": (7, 9, 11, 3),
-        "b": (7, 9, 12, 3),
-        "c": (7, 13, 3),
-        "d": (8, 3),
-        "e": (14, 15, 16, 17, 3),
-    }
+    paths = TRIE_PATHS
     trie = Trie(paths)
     root, rows = _full(session, prompt.ids)  # the graph computed the last position only
     n = len(prompt.ids)
@@ -118,12 +135,7 @@ def test_packed_trie_equals_one_row_per_continuation(tiny_artifacts: Path, varia
     packed = packed_trie_logits(session, trie, rows, root)
     internal = [i for i, n in enumerate(trie.nodes) if n.children]
     assert sorted(packed) == internal
-    for seq in trie.scoring_rows():
-        logits, _ = extend(session, rows, [seq])
-        at = 0
-        for d, tok in enumerate(seq):
-            at = trie.descend(at, tok)
-            np.testing.assert_allclose(packed[at], logits[0][d], rtol=0, atol=1e-4)
+    _assert_path_logits(session, trie, rows, packed)
     session.has_mask4d = False  # the per-row path, for graphs exported before the 4-D mask
     by_rows, runs = score_all(session, trie, rows, root, rows_per_run=2)
     session.has_mask4d = True
@@ -201,6 +213,100 @@ def test_batched_prefill_equals_alone(tiny_artifacts: Path, variant: str) -> Non
         else:
             assert np.array_equal(a, b)
         assert r.length == len(p.ids)
+
+
+def _same(variant: str, a: np.ndarray, b: np.ndarray) -> None:
+    if variant == "int4":  # not exact: the rows a run holds move its last bits
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    else:
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_trie_in_the_prompts_run_equals_a_run_after_it(tiny_artifacts: Path, variant: str) -> None:
+    """The trie fed after the prompt in its own prefill run gives the prompt's last token the
+    prefill's logits and every node those of a trie run after the prompt's KV; so the decisions,
+    full or greedy, are those of the runs one after another."""
+    session, _, prompt = _setup(tiny_artifacts, variant)
+    assert session.keeps_last_m
+    trie = Trie(TRIE_PATHS)
+    root, rows = _full(session, prompt.ids)
+    packed = packed_trie_logits(session, trie, rows, root)
+    (nodes,) = prompt_and_trie(
+        session, session.empty_past(1), 0, [prompt.ids], [trie.tail(full=True)]
+    )
+    assert sorted(nodes) == sorted(packed)
+    _same(variant, nodes[0], root)
+    for node, logits in packed.items():
+        np.testing.assert_allclose(nodes[node], logits, rtol=0, atol=1e-4)
+    by_runs, _ = score_all(session, trie, rows, root)
+    joined = outcome_of(trie, nodes, full=True)
+    assert joined.route == by_runs.route
+    for name in TRIE_PATHS:
+        assert joined.scores[name] == pytest.approx(by_runs.scores[name], rel=1e-4)
+    # Greedy needs only the nodes still shared by several routes: 7 and 7-9.
+    (few,) = prompt_and_trie(
+        session, session.empty_past(1), 0, [prompt.ids], [trie.tail(full=False)]
+    )
+    shared = {n for n, node in enumerate(trie.nodes) if len(node.routes) > 1}
+    assert set(few) == shared and len(shared) == 3
+    stepped, _ = greedy(session, trie, rows, root)
+    walked = outcome_of(trie, few, full=False)
+    assert walked.route == stepped.route and walked.scores == {}
+    assert walked.confidence == pytest.approx(stepped.confidence, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_trie_in_the_prompts_run_does_not_depend_on_batch_cache_or_chunks(
+    tiny_artifacts: Path, variant: str
+) -> None:
+    session, builder, prompt = _setup(tiny_artifacts, variant)
+    prompts = [
+        prompt,
+        builder.build([Message(Role.USER, "weather in Paris tomorrow?")], ROUTES, 2048),
+        builder.build([*MESSAGES, Message(Role.USER, "and back on Monday " * 9)], ROUTES, 2048),
+    ]
+    trie = Trie(TRIE_PATHS)
+    tails = [trie.tail(full=True), trie.tail(full=False), trie.tail(full=True)]
+    alone = [
+        prompt_and_trie(session, session.empty_past(1), 0, [p.ids], [t])[0]
+        for p, t in zip(prompts, tails, strict=True)
+    ]
+    ids = [p.ids for p in prompts]
+    batched = prompt_and_trie(session, session.empty_past(3), 0, ids, tails)
+    # 16 tokens a row a run: rows go on after a finished row's trie widened the run
+    chunked = prompt_and_trie(session, session.empty_past(3), 0, ids, tails, chunk_tokens=48)
+    n = len(prompt.prefix.ids) // ALIGN * ALIGN
+    prefix = session.run(
+        np.asarray([ids[0][:n]]), np.ones((1, n), np.int64), np.arange(n)[None],
+        session.empty_past(1),
+    )  # fmt: skip
+    (cached,) = prompt_and_trie(session, prefix.present, n, [ids[0][n:]], tails[:1])
+    # the whole prompt and its trie in one run without a past (the fused kernel ignores
+    # position_ids there, so the engine splits such a run at an aligned boundary)
+    one_run = prompt_and_trie(
+        session, session.empty_past(1), 0, ids[:1], tails[:1], chunk_tokens=4096
+    )
+    for other in (batched, chunked, one_run + alone[1:]):
+        for a, b in zip(alone, other, strict=True):
+            assert sorted(a) == sorted(b)
+            for node in a:
+                _same(variant, a[node], b[node])
+    assert sorted(cached) == sorted(alone[0])
+    for node in cached:
+        _same(variant, cached[node], alone[0][node])
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_trie_after_a_prompt_too_short_to_split(tiny_artifacts: Path, variant: str) -> None:
+    """Under 17 tokens and no past, the trie goes in a run after the prompt; every node still
+    gets the logits of its own path fed after the prompt."""
+    session, _, prompt = _setup(tiny_artifacts, variant)
+    trie = Trie(TRIE_PATHS)
+    ids = prompt.ids[:12]
+    (nodes,) = prompt_and_trie(session, session.empty_past(1), 0, [ids], [trie.tail(full=True)])
+    _, rows = _full(session, ids)
+    _assert_path_logits(session, trie, rows, nodes)
 
 
 def test_trie_rejects_a_path_that_prefixes_another() -> None:

@@ -14,6 +14,7 @@ import pytest
 from export.decoder import export_fp32
 from export.parity import DecoderSession
 from export.streamline import KEEP_INPUT, VERSION, streamline, streamline_file
+from grpc_router.runtime import KEEP_META
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -101,24 +102,27 @@ def test_logits_to_keep_gives_the_last_positions_exactly(
         assert all(np.array_equal(x, y) for x, y in zip(part[1:], full[1:], strict=True))
 
 
-def test_logits_to_keep_minus_one_gives_each_rows_last_token(
+def test_logits_to_keep_minus_m_gives_each_rows_last_m_tokens(
     raw_and_streamlined: Streamlined,
 ) -> None:
-    """-1: right-padded rows of different lengths each get their own last real position."""
+    """-m: right-padded rows of different lengths each get their own last m real positions
+    (-1: a prompt's last token; more: that token and the trie fed after it, in one run)."""
     _, new, _ = raw_and_streamlined
+    assert onnx.load(str(new), load_external_data=False).metadata_props[-1].key == KEEP_META
     session = _session(new)
-    ids = np.random.default_rng(3).integers(3, 200, (3, 24)).astype(np.int64)
+    ids = np.random.default_rng(4).integers(3, 200, (3, 40)).astype(np.int64)
     mask = np.ones_like(ids)
-    lengths = (24, 9, 17)
+    lengths = (40, 9, 23)
     for row, n in enumerate(lengths):
         mask[row, n:] = 0
     feed = _feed(session, ids, mask)
     full = session.run(None, feed)
-    last = session.run(None, {**feed, KEEP_INPUT: np.asarray(-1, np.int64)})
-    assert last[0].shape == (3, 1, full[0].shape[2])
-    for row, n in enumerate(lengths):
-        assert np.array_equal(last[0][row, 0], full[0][row, n - 1])
-    assert all(np.array_equal(x, y) for x, y in zip(last[1:], full[1:], strict=True))
+    for m in (1, 2, 7):
+        kept = session.run(None, {**feed, KEEP_INPUT: np.asarray(-m, np.int64)})
+        assert kept[0].shape == (3, m, full[0].shape[2])
+        for row, n in enumerate(lengths):
+            assert np.array_equal(kept[0][row], full[0][row, n - m : n])
+        assert all(np.array_equal(x, y) for x, y in zip(kept[1:], full[1:], strict=True))
 
 
 def test_a_fully_masked_row_is_finite(
