@@ -23,9 +23,10 @@ from grpc_router.errors import ArtifactError, InvalidArgument
 from grpc_router.runtime import DecoderSession, FloatArray, Int64Array, KVTensor, on_host
 
 PAD_ID = 0
-# Prefill widths and the cached prefix length are multiples of this. Quantized MatMul kernels
-# tile the flattened [batch*seq] rows; aligning every row's start keeps its numbers independent
-# of its batch neighbours (measured: unaligned rows differ in the last bits for int4/int8).
+# Prefill widths are multiples of this. Quantized MatMul kernels tile the flattened [batch*seq]
+# rows; aligning every row's start keeps its numbers independent of its batch neighbours
+# (measured: unaligned rows differ in the last bits for int4/int8). Where a past ends does not
+# matter (tested: any cached prefix length gives the same bits).
 ALIGN = 16
 
 
@@ -504,7 +505,13 @@ def _prefill(
         keep: list[int] = []
         for r, i in enumerate(active):
             if ending[r]:
-                last[i] = {node: out.copy() for node, out in logits[r].items()}
+                # [batch, m, vocab] views; an older graph's every-position logits are copied
+                last[i] = (
+                    logits[r] if session.has_keep else {n: o.copy() for n, o in logits[r].items()}
+                )
+                if row_tails[r]:  # its KV ends with the trie's, which nothing extends: left
+                    done[i] = rows  # as it is (on a device, cutting it would copy it out)
+                    continue
                 done[i] = rows.row(r, past_len + len(suffixes[i]))
                 if rows.batch > 1:  # a view would keep the whole batch's KV alive
                     done[i] = done[i].copy()

@@ -188,6 +188,9 @@ class ArchRouterEngine:
         )
         self.variant = ""
         self.variant_dir: Path | None = None
+        # Cached prefixes end anywhere for exact variants (their bits do not depend on where a
+        # past ends); elsewhere at a multiple of ALIGN, where a full prefill's chunks end too.
+        self._prefix_align = ALIGN
 
     @property
     def name(self) -> str:
@@ -266,6 +269,7 @@ class ArchRouterEngine:
             device_kv=s.kv_on_device,
         )
         self._batcher.max_batch_size = self.max_batch_size
+        self._prefix_align = 1 if manifest.quantization.get("exact") is True else ALIGN
         self.variant, self.variant_dir = manifest.variant, variant_dir
         log.info(
             "arch-router loaded",
@@ -361,15 +365,18 @@ class ArchRouterEngine:
         assert session is not None
         prefix = group[0].prompt.prefix
         usable = self._cache.max_bytes > 0 and all(p.prompt.prefix_len > 0 for p in group)
-        # A multiple of ALIGN, so the suffix rows tile the same as in a full prefill.
-        ids = prefix.ids[: len(prefix.ids) // ALIGN * ALIGN]
+        ids = prefix.ids[: len(prefix.ids) // self._prefix_align * self._prefix_align]
         if not usable or not ids:
             return session.empty_past(len(group)), 0
         entry = self._cache.get(prefix.key, ids)
         hit = entry is not None
         if entry is None:
             chunk = self.chunk_tokens
-            _, (rows,) = prompt_rows(session, session.empty_past(1), 0, [ids], chunk_tokens=chunk)
+            # unpadded on a device (nothing to cut there); a whole prefix may end off ALIGN
+            align = 1 if session.device_kv else ALIGN
+            _, (rows,) = prompt_rows(
+                session, session.empty_past(1), 0, [ids], chunk_tokens=chunk, align=align
+            )
             entry = PrefixKV(ids, rows.past)
             self._cache.put(prefix.key, entry)
         for p in group:

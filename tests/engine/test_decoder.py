@@ -187,14 +187,18 @@ def test_scores_are_normalised_path_probabilities(tiny_artifacts: Path, variant:
 def test_prefix_cache_equals_full_prefill(tiny_artifacts: Path, variant: str) -> None:
     session, _, prompt = _setup(tiny_artifacts, variant)
     full_root, _ = _full(session, prompt.ids)
-    n = len(prompt.prefix.ids) // ALIGN * ALIGN
-    assert n > 0 and prompt.ids[:n] == prompt.prefix.ids[:n]
-    out = session.run(
-        np.asarray([prompt.ids[:n]]), np.ones((1, n), np.int64), np.arange(n)[None],
-        session.empty_past(1),
-    )  # fmt: skip
-    cached_root, _ = prompt_rows(session, out.present, n, [prompt.ids[n:]])
-    assert np.array_equal(cached_root[0], full_root)  # bit-identical
+    end = len(prompt.prefix.ids)
+    assert prompt.ids[:end] == prompt.prefix.ids and end % ALIGN
+    # Exact variants: the prefix's own end, and every cut before it; int4: aligned cuts (its
+    # kernel tiles rows by how many there are, so the engine cuts its prefixes there).
+    cuts = [end // ALIGN * ALIGN] if variant == "int4" else range(end - ALIGN, end + 1)
+    for n in cuts:
+        out = session.run(
+            np.asarray([prompt.ids[:n]]), np.ones((1, n), np.int64), np.arange(n)[None],
+            session.empty_past(1),
+        )  # fmt: skip
+        cached_root, _ = prompt_rows(session, out.present, n, [prompt.ids[n:]])
+        assert np.array_equal(cached_root[0], full_root), n  # bit-identical
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
