@@ -93,7 +93,7 @@ def _is_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) < len(b) and b[: len(a)] == a
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # arrays inside: identity, not value
 class TrieTail:
     """Trie nodes fed after a prompt in one sequence, parents before children (depth first,
     children by token id: the same layout every time). Each sits at its depth's position and
@@ -449,7 +449,7 @@ def _prefill(
     align: int,
 ) -> tuple[list[dict[int, FloatArray]], list[Rows]]:
     batch = len(suffixes)
-    if session.one_row_prefill and tails and not past_len:
+    if session.one_row_prefill and tails and any(tails) and not past_len:
         # The fused kernel rotates a run without a past by index, not by position_ids: the
         # trie (positions by depth) goes in a run with one (an aligned chunk boundary, which
         # changes no number), or after the prompt if it is too short to split.
