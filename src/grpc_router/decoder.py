@@ -448,6 +448,8 @@ def _prefill(
     chunk_tokens: int,
     align: int,
 ) -> tuple[list[dict[int, FloatArray]], list[Rows]]:
+    """Each prompt's node logits (0: its last token) and KV state: cut to the prompt, or, for a
+    prompt fed with a tail, the run's state as it is (nothing extends a trie's KV)."""
     batch = len(suffixes)
     if session.one_row_prefill and tails and any(tails) and not past_len:
         # The fused kernel rotates a run without a past by index, not by position_ids: the
