@@ -218,13 +218,7 @@ def extend(
     """Feed each row its tokens (right-padded to a multiple of `align`) in one run; return
     each row's logits: at every new position, or with `last_only` at its last real one (the
     graph then computes only those, and its last layer only the rows that lead to them)."""
-    width = -(-max(len(t) for t in tokens) // align) * align
-    ids = np.full((rows.batch, width), PAD_ID, dtype=np.int64)
-    new_mask = np.zeros((rows.batch, width), dtype=np.int64)
-    for i, t in enumerate(tokens):
-        ids[i, : len(t)] = t
-        new_mask[i, : len(t)] = 1
-    positions = rows.next_pos[:, None] + np.arange(width, dtype=np.int64)[None, :]
+    ids, new_mask, positions = _layout(rows, tokens, align)
     mask = np.concatenate([rows.mask, new_mask], axis=1)
     per_row = last_only and session.has_keep
     out = session.run(ids, mask, positions, rows.past, keep=-1 if per_row else 0)
@@ -236,6 +230,21 @@ def extend(
     else:
         logits = [out.logits[i, : len(t)] for i, t in enumerate(tokens)]
     return logits, Rows(out.present, mask, rows.next_pos + counts)
+
+
+def _layout(
+    rows: Rows, tokens: Sequence[Sequence[int]], align: int
+) -> tuple[Int64Array, Int64Array, Int64Array]:
+    """input_ids, the new tokens' mask and position_ids of a run: each row's tokens
+    right-padded to a width that is a multiple of `align`, positions continuing its past."""
+    width = -(-max(len(t) for t in tokens) // align) * align
+    ids = np.full((rows.batch, width), PAD_ID, dtype=np.int64)
+    new_mask = np.zeros((rows.batch, width), dtype=np.int64)
+    for i, t in enumerate(tokens):
+        ids[i, : len(t)] = t
+        new_mask[i, : len(t)] = 1
+    positions = rows.next_pos[:, None] + np.arange(width, dtype=np.int64)[None, :]
+    return ids, new_mask, positions
 
 
 def log_softmax_at(logits: FloatArray, tokens: Sequence[int]) -> dict[int, float]:
@@ -542,15 +551,11 @@ def _feed(
         return [{0: row[-1]} for row in logits], rows
     counts = [len(p) for p in pieces]
     seqs = [[*p, *(t.tokens if t else ())] for p, t in zip(pieces, tails, strict=True)]
-    width = -(-max(len(q) for q in seqs) // align) * align
-    ids = np.full((rows.batch, width), PAD_ID, dtype=np.int64)
-    new_mask = np.zeros((rows.batch, width), dtype=np.int64)
-    positions = rows.next_pos[:, None] + np.arange(width, dtype=np.int64)[None, :]
+    ids, new_mask, positions = _layout(rows, seqs, align)
+    width = ids.shape[1]
     # [batch, 1, seq, past+seq], ANDed with the graph's causal and padding mask
     allowed = np.ones((rows.batch, 1, width, rows.length + width), dtype=np.int64)
-    for r, (seq, n, tail) in enumerate(zip(seqs, counts, tails, strict=True)):
-        ids[r, : len(seq)] = seq
-        new_mask[r, : len(seq)] = 1
+    for r, (n, tail) in enumerate(zip(counts, tails, strict=True)):
         if tail:
             k, at = len(tail), rows.length + n
             positions[r, n : n + k] = rows.next_pos[r] + n + tail.offsets
