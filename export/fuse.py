@@ -1,32 +1,30 @@
 """Fused attention for the CPU variant: each layer's attention as one GroupQueryAttention node.
 
-After `streamline`, a layer's attention is still ~12 nodes (KV concat, transposes, two grouped
-matmuls, bias add, softmax, reshapes) that each pass over a [heads, seq, past+seq] float tensor.
-onnxruntime's CPU kernel for com.microsoft.GroupQueryAttention does the same maths per head, in
-cache, and writes the present KV itself. Measured on the 1.5B shapes (int8, 425 tokens after
-727 cached, 2 threads): one layer's attention 19.8 -> 15.9 ms, the whole prefill about -12%.
+After `streamline`, a layer's attention is still a dozen nodes (KV concat, transposes, two
+grouped matmuls, bias add, softmax, reshapes), each a pass over a [heads, seq, past+seq] float
+tensor. onnxruntime's CPU kernel for com.microsoft.GroupQueryAttention does the same maths per
+head while the data is in cache, and writes the present KV itself, so the int8 variant replaces
+those nodes with it.
 
-The node also takes over the rotary where it is transformers' unscaled rotate_half form: it
-reads the q/k/v projections as they come ([batch, seq, heads * dim], no transposes), and
-rotates q and k from `position_ids` (so the trie's depth-based positions still hold) with
+Where the graph's rotary is transformers' unscaled rotate_half form, the node takes that over
+too: it reads the q/k/v projections as they come ([batch, seq, heads * dim], no transposes) and
+rotates q and k from `position_ids` (so the trie's depth-based positions still hold), with
 cos/sin caches built from the graph's own inv_freq the way the graph computes them (float32
-angle, then cos/sin: a layer's output stays within 3e-7). Whole warm prefill, medians of 8
-alternating runs in one process: plain 1,727 ms, fused 1,522 ms, fused with the rotary 1,448 ms.
+angle, then cos/sin), so a layer's output stays within float rounding of the plain graph's.
 
 What stays the same: the query/key scales fold into the node's `scale`, and the shared bias
 (causal, padding and the caller's attention_mask_4d) is the node's attention_bias. `seqlens_k`
 is every row's full width, so the node's own causal window never hides a key the bias allows
-(right padding is masked by the bias, as before). The layer whose queries are cut to the kept
-rows stays as it is.
+(right padding is masked by the bias, as before). The last layer, whose queries are cut to the
+kept rows, stays as it is.
 
 The cost: the kernel refuses a batch of more than one row with a past and more than one new
 token, so a graph with this fusion is marked (metadata `grpc_router.attention`) and the engine
-prefills one request per run. On 2 cores that is what it measured fastest anyway.
+prefills one request per run.
 
-The fp16 (GPU) variant keeps the operators: fused the same way, it ran correctly on an H200
-(same routes; CUDA's kernel takes the tree-mask bias), but its warm decisions were not faster
-than the unfused graph's in earlier runs there (19.4 ms against 15.8-21.1 ms, scores off;
-44.2 ms against 34.0 ms with scores), so there is no measured reason to switch.
+Only the int8 (CPU) variant is fused. The fp16 (GPU) variant keeps the operators: CUDA's kernel
+runs the fused graph correctly, but it has not been shown to decide faster there than the
+operators it replaces.
 """
 
 from __future__ import annotations
@@ -40,27 +38,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import _write_aligned
-from export.streamline import _PREFIX, BIAS, _Graph, _perm, _prune
-
-# The metadata by which the server knows a graph's attention is fused.
-from grpc_router.runtime import ATTENTION_META
-from grpc_router.runtime import FUSED_ATTENTION as FUSED
+from export.quantize import point_to_external, write_aligned
+from export.streamline import BIAS, PREFIX, GraphEditor, prune_unread, transpose_perm
+from grpc_router.engines.arch_router.graph import ATTENTION_META, FUSED_ATTENTION
 
 FUSED_ROTARY = "GroupQueryAttention, rotary inside"
-SEQLENS, TOTAL = f"{_PREFIX}.gqa.seqlens_k", f"{_PREFIX}.gqa.total"
-COS, SIN = f"{_PREFIX}.gqa.cos_cache", f"{_PREFIX}.gqa.sin_cache"
-_BSH = f"{_PREFIX}.gqa.bsh"
+SEQLENS, TOTAL = f"{PREFIX}.gqa.seqlens_k", f"{PREFIX}.gqa.total"
+COS, SIN = f"{PREFIX}.gqa.cos_cache", f"{PREFIX}.gqa.sin_cache"
+_BSH = f"{PREFIX}.gqa.bsh"
 
 
-def _only_reader(g: _Graph, name: str, op: str) -> onnx.NodeProto | None:
+def _only_reader(g: GraphEditor, name: str, op: str) -> onnx.NodeProto | None:
     readers = g.consumers.get(name, [])
     if len(readers) != 1 or readers[0].op_type != op:
         return None
     return readers[0]
 
 
-def _scalar(g: _Graph, node: onnx.NodeProto) -> tuple[str, float] | None:
+def _scalar(g: GraphEditor, node: onnx.NodeProto) -> tuple[str, float] | None:
     """(the other input, the constant) of a Mul by a scalar constant."""
     for slot in (0, 1):
         value = g.constant(node.input[1 - slot])
@@ -91,15 +86,15 @@ class _Layer:
     output: str  # [batch, seq, heads * dim]
 
     def nodes(self, heads: int, kv_heads: int, rotary: bool) -> list[onnx.NodeProto]:
-        p, i = f"/{_PREFIX}/fused{self.index}", self.index
+        p, i = f"/{PREFIX}/fused{self.index}", self.index
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value", SEQLENS, TOTAL]
         outputs = [self.output, f"present.{i}.key", f"present.{i}.value"]
         attrs: dict[str, Any] = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": self.scale}
         if rotary and self.projections is not None:
             inputs = [*self.projections, *past, COS, SIN, "position_ids", BIAS]
             node = helper.make_node(
-                FUSED, inputs, outputs, domain="com.microsoft", name=f"{p}/{FUSED}",
-                do_rotary=1, rotary_interleaved=0, **attrs,
+                FUSED_ATTENTION, inputs, outputs, domain="com.microsoft",
+                name=f"{p}/{FUSED_ATTENTION}", do_rotary=1, rotary_interleaved=0, **attrs,
             )  # fmt: skip
             return [node]
         made: list[onnx.NodeProto] = []
@@ -112,23 +107,23 @@ class _Layer:
             ]
         made.append(
             helper.make_node(
-                FUSED, [f"{p}.q", f"{p}.k", f"{p}.v", *past, "", "", "", BIAS], outputs,
-                domain="com.microsoft", name=f"{p}/{FUSED}", **attrs,
+                FUSED_ATTENTION, [f"{p}.q", f"{p}.k", f"{p}.v", *past, "", "", "", BIAS], outputs,
+                domain="com.microsoft", name=f"{p}/{FUSED_ATTENTION}", **attrs,
             )
         )  # fmt: skip
         return made
 
 
-def _heads_first(g: _Graph, name: str) -> str | None:
+def _heads_first(g: GraphEditor, name: str) -> str | None:
     """The [batch, seq, heads * dim] tensor behind Transpose(0, 2, 1, 3)(Reshape(x))."""
     t = g.producer.get(name)
-    if t is None or t.op_type != "Transpose" or _perm(t) != [0, 2, 1, 3]:
+    if t is None or t.op_type != "Transpose" or transpose_perm(t) != [0, 2, 1, 3]:
         return None
     reshape = g.producer.get(t.input[0])
     return reshape.input[0] if reshape is not None and reshape.op_type == "Reshape" else None
 
 
-def _unrotated(g: _Graph, rotated: str) -> str | None:
+def _unrotated(g: GraphEditor, rotated: str) -> str | None:
     """The projection behind transformers' rotary `x * cos + rotate_half(x) * sin`, where
     rotate_half(x) = Concat(Neg(Slice(x)), Slice(x)) and x = Transpose(Reshape(projection))."""
     add = g.producer.get(rotated)
@@ -149,7 +144,7 @@ def _unrotated(g: _Graph, rotated: str) -> str | None:
     return None
 
 
-def _match(g: _Graph, i: int) -> _Layer | None:
+def _match(g: GraphEditor, i: int) -> _Layer | None:
     """Layer i's attention as `streamline` leaves it, or None where it looks different."""
     key, value = f"present.{i}.key", f"present.{i}.value"
     concats = []
@@ -161,7 +156,7 @@ def _match(g: _Graph, i: int) -> _Layer | None:
             return None
         concats.append(concat)
     kt = _only_reader(g, key, "Transpose")
-    if kt is None or _perm(kt) != [0, 1, 3, 2]:
+    if kt is None or transpose_perm(kt) != [0, 1, 3, 2]:
         return None
     mul_k = _only_reader(g, kt.output[0], "Mul")
     k_scale = _scalar(g, mul_k) if mul_k else None
@@ -187,7 +182,7 @@ def _match(g: _Graph, i: int) -> _Layer | None:
         or not _softmax_last_axis(softmax)
         or av.input[1] != value
         or g.consumers.get(value, []) != [av]
-        or _perm(transpose) != [0, 2, 1, 3]
+        or transpose_perm(transpose) != [0, 2, 1, 3]
     ):
         return None
     query, key_new, value_new = q_scale[0], concats[0].input[1], concats[1].input[1]
@@ -207,13 +202,13 @@ def _match(g: _Graph, i: int) -> _Layer | None:
 
 def _lengths() -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """seqlens_k = width - 1 for every row (int32 [batch]) and total = width (int32 scalar)."""
-    p = f"/{_PREFIX}/gqa"
+    p = f"/{PREFIX}/gqa"
     consts = {
         "zero": np.array(0, np.int64),
         "one": np.array(1, np.int64),
         "axis0": np.array([0], np.int64),
     }
-    names = {k: f"{_PREFIX}.gqa.{k}" for k in consts}
+    names = {k: f"{PREFIX}.gqa.{k}" for k in consts}
     inits = [numpy_helper.from_array(v, names[k]) for k, v in consts.items()]
     inits.append(numpy_helper.from_array(np.array([0, 0, -1], np.int64), _BSH))
     nodes = [
@@ -233,7 +228,7 @@ def _lengths() -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     return nodes, inits
 
 
-def _inv_freq(g: _Graph) -> np.ndarray | None:
+def _inv_freq(g: GraphEditor) -> np.ndarray | None:
     """The graph's own rotary frequencies (transformers' export: Cos(Concat(Transpose(MatMul(
     Cast(Expand(inv_freq)), positions)))) with an attention scaling of 1), or None."""
     cos = [n for n in g.nodes if n.op_type == "Cos"]
@@ -271,7 +266,7 @@ def fuse_attention(
     the graph's rotary is transformers' unscaled one (caches for that many positions)."""
     if heads % kv_heads:
         return 0
-    g = _Graph(model.graph)
+    g = GraphEditor(model.graph)
     layers = []
     i = 0
     while f"present.{i}.key" in g.producer:
@@ -300,12 +295,12 @@ def fuse_attention(
             replaced.add(id(old))
     g.nodes = [n for n in g.nodes if id(n) not in replaced]
     g.commit()
-    _prune(model.graph)
+    prune_unread(model.graph)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     meta = {p.key: p for p in model.metadata_props}
     entry = meta.get(ATTENTION_META) or model.metadata_props.add()
-    entry.key, entry.value = ATTENTION_META, FUSED
+    entry.key, entry.value = ATTENTION_META, FUSED_ATTENTION
     return len(layers)
 
 
@@ -346,24 +341,19 @@ def _move_to_external_data(model: onnx.ModelProto, folder: Path, names: tuple[st
     with open(folder / location, "r+b") as handle:  # not "ab": appends ignore the alignment seek
         handle.seek(0, os.SEEK_END)
         for tensor in tensors:
-            offset, length = _write_aligned(handle, iter([tensor.raw_data]))
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (("location", location), ("offset", offset), ("length", length)):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
+            offset, length = write_aligned(handle, iter([tensor.raw_data]))
+            point_to_external(tensor, location, offset, length)
 
 
 def attention_kind(path: Path) -> str:
-    """What a built graph's attention is: FUSED_ROTARY, FUSED, or plain operators."""
+    """What a built graph's attention is: FUSED_ROTARY, FUSED_ATTENTION, or plain operators."""
     model = onnx.load(str(path), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     kind = meta.get(ATTENTION_META, "plain operators")
     rotary = any(
         a.name == "do_rotary" and a.i
         for n in model.graph.node
-        if n.op_type == FUSED
+        if n.op_type == FUSED_ATTENTION
         for a in n.attribute
     )
-    return FUSED_ROTARY if kind == FUSED and rotary else kind
+    return FUSED_ROTARY if kind == FUSED_ATTENTION and rotary else kind

@@ -1,12 +1,14 @@
-"""Atomic artifact directories: build in a temp dir beside the target, rename on success.
+"""Atomic artifact directories and what their manifest records about the graph.
+
+Build in a temp dir beside the target, rename on success:
 
     with ArtifactBuilder(Path("artifacts/tiny/int4")) as builder:
         write files into builder.tmp ...
         builder.write_manifest(kind="decoder", name="tiny", source=..., variant="int4", ...)
     # on a clean exit the temp dir replaces artifacts/tiny/int4; on error or kill it never does.
 
-Temp and retired dirs start with '.', so `grpc_router.artifact` never mistakes them for variants.
-A later builder for the same target removes the leftovers of a killed one.
+Temp and retired dirs start with '.', so `grpc_router.engines.artifact` never mistakes them for
+variants. A later builder for the same target removes the leftovers of a killed one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from grpc_router.artifact import DEFAULT_FILE, MANIFEST_NAME, Manifest, hash_tree
+import onnx
+
+from grpc_router.engines.artifact import DEFAULT_FILE, MANIFEST_NAME, Manifest, hash_tree
 from grpc_router.errors import ArtifactError
 
 VERSIONED_PACKAGES = (
@@ -195,3 +199,21 @@ def recover_leftovers(final_dir: Path) -> None:
 def set_default_variant(root: Path, variant: str) -> None:
     """Record the variant `resolve_variant_dir` picks for `root` when none is asked for."""
     write_text_atomic(root / DEFAULT_FILE, variant + "\n")
+
+
+def graph_facts(model_path: Path) -> dict[str, Any]:
+    """Opset, input/output names and dtypes of a graph (manifest fields), without loading its
+    weights."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+    def dtype(value: onnx.ValueInfoProto) -> str:
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        return str(np_type)
+
+    return {
+        "opset": opset,
+        "inputs": [v.name for v in model.graph.input],
+        "outputs": [v.name for v in model.graph.output],
+        "io_dtypes": {v.name: dtype(v) for v in [*model.graph.input, *model.graph.output]},
+    }

@@ -12,19 +12,19 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import onnxruntime as ort
 
-from export.prompt import ROUTING_CASES, RoutingCase, chat_messages
+from export.routing_cases import ROUTING_CASES, RoutingCase
 
 MAX_NEW_TOKENS = 16
 _ROUTE_RE = re.compile(r"\{.*?\}", re.S)
 
 
 @dataclass
-class Reference:
+class TorchReference:
     """Torch results for one prompt."""
 
     input_ids: list[int]
@@ -50,11 +50,11 @@ def parse_route(text: str) -> str | None:
 def encode_cases(checkpoint: Path, cases: Sequence[RoutingCase]) -> tuple[Any, list[list[int]]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)  # type: ignore[no-untyped-call]
     encoded = [
         list(
             tokenizer.apply_chat_template(
-                chat_messages(case.routes, case.conversation),
+                case.chat_messages(),
                 add_generation_prompt=True,
                 tokenize=True,
             )
@@ -66,14 +66,14 @@ def encode_cases(checkpoint: Path, cases: Sequence[RoutingCase]) -> tuple[Any, l
 
 def torch_reference(
     checkpoint: Path, cases: Sequence[RoutingCase] = ROUTING_CASES
-) -> list[Reference]:
+) -> list[TorchReference]:
     """Run the checkpoint in float32 PyTorch; the model is freed on return."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer, encoded = encode_cases(checkpoint, cases)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     eos = model.config.eos_token_id
     refs = []
     with torch.inference_mode():
@@ -96,13 +96,15 @@ def torch_reference(
                 out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 decode = out.logits[0, -1].double().numpy()
             text = tokenizer.decode(greedy, skip_special_tokens=True)
-            refs.append(Reference(ids, prefill, decode, greedy, parse_route(text)))
+            refs.append(TorchReference(ids, prefill, decode, greedy, parse_route(text)))
     del model
     return refs
 
 
-class DecoderSession:
-    """A thin runner over the exported graph's inputs (used by parity and tests)."""
+class GraphRunner:
+    """Runs an exported decoder graph through its plain inputs (ids, mask, positions, past),
+    its optional ones left at their defaults: how Optimum would call it. The parity check and
+    the export's tests drive graphs with it (the engine has its own session)."""
 
     def __init__(
         self, model_path: Path, *, providers: Sequence[str] = ("CPUExecutionProvider",)
@@ -165,39 +167,30 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(np.sum(np.exp(p_log) * (p_log - q_log)))
 
 
+class CaseReport(TypedDict):
+    """One routing prompt's parity: an ONNX graph's next-token logits against PyTorch's."""
+
+    prompt_tokens: int
+    prefill_max_abs_diff: float
+    prefill_kl: float
+    decode_max_abs_diff: float
+    decode_kl: float
+    greedy_tokens_equal: bool
+    torch_route: str | None
+    onnx_route: str | None
+
+
 def onnx_parity(
     model_path: Path,
-    refs: Sequence[Reference],
+    refs: Sequence[TorchReference],
     tokenizer: Any,
     eos_token_id: int,
     *,
     providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> dict[str, Any]:
     """Compare one graph with the torch reference; JSON-ready report."""
-    session = DecoderSession(model_path, providers=providers)
-    cases = []
-    for ref in refs:
-        prefill, past = session.step(ref.input_ids, None, 0)
-        n = len(ref.input_ids)
-        decode, _ = session.step([ref.greedy[0]], past, n)
-        greedy = [int(prefill.argmax())]
-        logits, past_g = prefill, past
-        while len(greedy) < MAX_NEW_TOKENS and greedy[-1] != eos_token_id:
-            logits, past_g = session.step([greedy[-1]], past_g, n + len(greedy) - 1)
-            greedy.append(int(logits.argmax()))
-        route = parse_route(tokenizer.decode(greedy, skip_special_tokens=True))
-        cases.append(
-            {
-                "prompt_tokens": n,
-                "prefill_max_abs_diff": float(np.max(np.abs(prefill - ref.prefill_logits))),
-                "prefill_kl": _kl(ref.prefill_logits, prefill),
-                "decode_max_abs_diff": float(np.max(np.abs(decode - ref.decode_logits))),
-                "decode_kl": _kl(ref.decode_logits, decode),
-                "greedy_tokens_equal": greedy == ref.greedy,
-                "torch_route": ref.route,
-                "onnx_route": route,
-            }
-        )
+    session = GraphRunner(model_path, providers=providers)
+    cases = [_case_report(session, ref, tokenizer, eos_token_id) for ref in refs]
     parsed = [c for c in cases if c["torch_route"] is not None]
     return {
         "checked": True,
@@ -220,13 +213,39 @@ def onnx_parity(
     }
 
 
+def _case_report(
+    session: GraphRunner, ref: TorchReference, tokenizer: Any, eos_token_id: int
+) -> CaseReport:
+    """The prefill and first decode step fed PyTorch's greedy token, then the graph's own
+    greedy decoding."""
+    prefill, past = session.step(ref.input_ids, None, 0)
+    n = len(ref.input_ids)
+    decode, _ = session.step([ref.greedy[0]], past, n)
+    greedy = [int(prefill.argmax())]
+    logits, past_g = prefill, past
+    while len(greedy) < MAX_NEW_TOKENS and greedy[-1] != eos_token_id:
+        logits, past_g = session.step([greedy[-1]], past_g, n + len(greedy) - 1)
+        greedy.append(int(logits.argmax()))
+    route = parse_route(tokenizer.decode(greedy, skip_special_tokens=True))
+    return {
+        "prompt_tokens": n,
+        "prefill_max_abs_diff": float(np.max(np.abs(prefill - ref.prefill_logits))),
+        "prefill_kl": _kl(ref.prefill_logits, prefill),
+        "decode_max_abs_diff": float(np.max(np.abs(decode - ref.decode_logits))),
+        "decode_kl": _kl(ref.decode_logits, decode),
+        "greedy_tokens_equal": greedy == ref.greedy,
+        "torch_route": ref.route,
+        "onnx_route": route,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m export.parity CHECKPOINT ARTIFACT_ROOT [--variants ...]`: re-run the parity
     check of existing variants against their checkpoint; prints a Markdown table and JSON."""
     import argparse
 
     from export.progress import Progress, markdown_table
-    from grpc_router.artifact import list_variants, load_artifact
+    from grpc_router.engines.artifact import list_variants, load_artifact
 
     parser = argparse.ArgumentParser(prog="python -m export.parity")
     parser.add_argument("checkpoint", type=Path)

@@ -20,7 +20,7 @@ a [tokens, intermediate] tensor less per layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,7 +34,7 @@ MIN_SCALE = 1e-30
 # Weights are read and quantized this many bytes of float32 at a time (memory stays flat).
 CHUNK_BYTES = 64 << 20
 INLINE_MAX_BYTES = 1024
-ALIGN = 4096  # external data offsets page-aligned so onnxruntime can map them
+DATA_ALIGN = 4096  # external data offsets page-aligned so onnxruntime can map them
 _DATA_FIELDS = (
     "raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
     "string_data",
@@ -93,19 +93,6 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> dic
     left empty; returns {new initializer name: fp32 weight name} for `write_weights` to fill."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    shared = {
-        "axes": numpy_helper.from_array(np.array([-1], np.int64), "rowwise_q.axes"),
-        "flat": numpy_helper.from_array(np.array([-1], np.int64), "rowwise_q.flat"),
-        "qmax": numpy_helper.from_array(np.array(QMAX, np.float32), "rowwise_q.qmax"),
-        "floor": numpy_helper.from_array(np.array(MIN_SCALE, np.float32), "rowwise_q.floor"),
-        "one": numpy_helper.from_array(np.array(1.0, np.float32), "rowwise_q.one"),
-        # uint8 activations with zero point 128: onnxruntime's fast integer GEMM is u8 x s8.
-        "zp": numpy_helper.from_array(np.array(128, np.uint8), "rowwise_q.zp"),
-    }
 
     def eligible(node: onnx.NodeProto) -> bool:
         init = inits.get(node.input[1]) if node.op_type == "MatMul" else None
@@ -116,28 +103,16 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> dic
             and int(np.prod(init.dims)) >= min_weight_elements
         )
 
-    readers: dict[str, list[onnx.NodeProto]] = {}
+    consumers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
-            readers.setdefault(name, []).append(node)
-    # MatMul output -> its only reader, a Mul -> whose only reader, a MatMul, takes it as x:
-    # that MatMul's output takes the first one's row scale (by its output name).
-    deferred: dict[str, str] = {}
-    for node in graph.node:
-        if not eligible(node):
-            continue
-        (mul, *more) = readers.get(node.output[0], [None])
-        if more or mul is None or mul.op_type != "Mul":
-            continue
-        (nxt, *more) = readers.get(mul.output[0], [None])
-        if not more and nxt is not None and eligible(nxt) and nxt.input[0] == mul.output[0]:
-            deferred[nxt.output[0]] = node.output[0]
+            consumers[name] = consumers.get(name, 0) + 1
+    shared = _shared_constants()
+    deferred = _deferred_row_scales(graph, eligible)
     row_scale: dict[str, str] = {}  # MatMul output -> its x_scale
-
     new_nodes: list[onnx.NodeProto] = []
     replaced: set[str] = set()
     plan: dict[str, str] = {}
-    count = 0
     for node in graph.node:
         if not eligible(node):
             new_nodes.append(node)
@@ -147,74 +122,12 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> dic
         x, y = node.input[0], node.output[0]
         p = f"{node.name or y}/rowwise_q"
         row_scale[y] = f"{p}.x_scale"
-        graph.initializer.append(_placeholder(f"{p}.w_q", TensorProto.INT8, init.dims))
-        graph.initializer.append(_placeholder(f"{p}.w_scale", TensorProto.FLOAT, init.dims[1:]))
-        plan[f"{p}.w_q"] = plan[f"{p}.w_scale"] = weight_name
+        shape_2d = _plan_weight(graph, p, init, plan)
         if consumers.get(weight_name, 0) == 1:
             replaced.add(weight_name)
-        k = int(init.dims[0])
-        shape_2d = numpy_helper.from_array(np.array([-1, k], np.int64), f"{p}.shape2d")
-        graph.initializer.append(shape_2d)
-        new_nodes += [
-            # One scale per row: max |x| over the row / 127 (floored so zero rows stay zero).
-            helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}/Abs"),
-            helper.make_node(
-                "ReduceMax",
-                [f"{p}.abs", shared["axes"].name],
-                [f"{p}.max"],
-                keepdims=1,
-                name=f"{p}/ReduceMax",
-            ),
-            helper.make_node("Div", [f"{p}.max", shared["qmax"].name], [f"{p}.s0"], name=f"{p}/S"),
-            helper.make_node(
-                "Max", [f"{p}.s0", shared["floor"].name], [f"{p}.x_scale"], name=f"{p}/Floor"
-            ),
-            # Rows flattened to [M, K] so QuantizeLinear's per-axis form applies one scale a row.
-            helper.make_node(
-                "Reshape", [f"{p}.x_scale", shared["flat"].name], [f"{p}.s1d"], name=f"{p}/S1d"
-            ),
-            helper.make_node("Shape", [f"{p}.s1d"], [f"{p}.rows"], name=f"{p}/Rows"),
-            helper.make_node(
-                "Expand", [shared["zp"].name, f"{p}.rows"], [f"{p}.zp1d"], name=f"{p}/Zp"
-            ),
-            helper.make_node("Reshape", [x, shape_2d.name], [f"{p}.x2d"], name=f"{p}/X2d"),
-            helper.make_node(
-                "QuantizeLinear",
-                [f"{p}.x2d", f"{p}.s1d", f"{p}.zp1d"],
-                [f"{p}.xq2d"],
-                axis=0,
-                name=f"{p}/Q",
-            ),
-            helper.make_node("Shape", [x], [f"{p}.xshape"], name=f"{p}/XShape"),
-            helper.make_node("Reshape", [f"{p}.xq2d", f"{p}.xshape"], [f"{p}.x_q"], name=f"{p}/Xq"),
-        ]
-        # Exact int32 accumulation; the per-column weight scale is applied per element.
-        integer = helper.make_node(
-            "MatMulIntegerToFloat",
-            [f"{p}.x_q", f"{p}.w_q", shared["one"].name, f"{p}.w_scale", shared["zp"].name],
-            [f"{p}.yw"],
-            domain="com.microsoft",
-            name=f"{p}/MatMulIntegerToFloat",
-        )
-        if y in deferred.values():  # its row scale is applied after the next MatMul
-            integer.output[0] = y
-            new_nodes.append(integer)
-        elif y in deferred:
-            new_nodes += [
-                integer,
-                helper.make_node(
-                    "Mul", [f"{p}.x_scale", row_scale[deferred[y]]], [f"{p}.x_scale2"],
-                    name=f"{p}/Scale2",
-                ),
-                helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale2"], [y], name=f"{p}/MulX"),
-            ]  # fmt: skip
-        else:
-            new_nodes += [
-                integer,
-                helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale"], [y], name=f"{p}/MulX"),
-            ]
-        count += 1
-    if count:
+        new_nodes += _quantize_rows(p, x, shape_2d, shared)
+        new_nodes += _integer_matmul(p, y, shared, deferred, row_scale)
+    if row_scale:
         graph.initializer.extend(shared.values())
         if not any(o.domain == "com.microsoft" for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
@@ -226,14 +139,147 @@ def rowwise_int8(model: onnx.ModelProto, *, min_weight_elements: int = 0) -> dic
     return plan
 
 
-def _write_aligned(handle: BinaryIO, pieces: Iterator[bytes]) -> tuple[int, int]:
-    offset = -handle.tell() % ALIGN + handle.tell()
+def _shared_constants() -> dict[str, onnx.TensorProto]:
+    """The scalars and axes every quantized MatMul reads (added once, if any is quantized)."""
+    return {
+        "axes": numpy_helper.from_array(np.array([-1], np.int64), "rowwise_q.axes"),
+        "flat": numpy_helper.from_array(np.array([-1], np.int64), "rowwise_q.flat"),
+        "qmax": numpy_helper.from_array(np.array(QMAX, np.float32), "rowwise_q.qmax"),
+        "floor": numpy_helper.from_array(np.array(MIN_SCALE, np.float32), "rowwise_q.floor"),
+        "one": numpy_helper.from_array(np.array(1.0, np.float32), "rowwise_q.one"),
+        # uint8 activations with zero point 128: onnxruntime's fast integer GEMM is u8 x s8.
+        "zp": numpy_helper.from_array(np.array(128, np.uint8), "rowwise_q.zp"),
+    }
+
+
+def _deferred_row_scales(
+    graph: onnx.GraphProto, eligible: Callable[[onnx.NodeProto], bool]
+) -> dict[str, str]:
+    """{second MatMul output: first MatMul output} where the first one's output only reaches
+    the second as its x through one element-wise Mul: the second's output then takes the first
+    one's row scale too, and the first one's output is left unscaled."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    deferred: dict[str, str] = {}
+    for node in graph.node:
+        if not eligible(node):
+            continue
+        (mul, *more) = readers.get(node.output[0], [None])
+        if more or mul is None or mul.op_type != "Mul":
+            continue
+        (nxt, *more) = readers.get(mul.output[0], [None])
+        if not more and nxt is not None and eligible(nxt) and nxt.input[0] == mul.output[0]:
+            deferred[nxt.output[0]] = node.output[0]
+    return deferred
+
+
+def _plan_weight(
+    graph: onnx.GraphProto, p: str, init: onnx.TensorProto, plan: dict[str, str]
+) -> str:
+    """Add the empty int8 weight and column scale initializers of the MatMul named `p`, and the
+    [-1, K] shape its rows are flattened to; returns that shape's name."""
+    graph.initializer.append(_placeholder(f"{p}.w_q", TensorProto.INT8, init.dims))
+    graph.initializer.append(_placeholder(f"{p}.w_scale", TensorProto.FLOAT, init.dims[1:]))
+    plan[f"{p}.w_q"] = plan[f"{p}.w_scale"] = init.name
+    k = int(init.dims[0])
+    shape_2d = numpy_helper.from_array(np.array([-1, k], np.int64), f"{p}.shape2d")
+    graph.initializer.append(shape_2d)
+    return shape_2d.name
+
+
+def _quantize_rows(
+    p: str, x: str, shape_2d: str, shared: dict[str, onnx.TensorProto]
+) -> list[onnx.NodeProto]:
+    """x -> `{p}.x_q` (uint8, x's shape) and `{p}.x_scale` (one scale per row)."""
+    return [
+        # One scale per row: max |x| over the row / 127 (floored so zero rows stay zero).
+        helper.make_node("Abs", [x], [f"{p}.abs"], name=f"{p}/Abs"),
+        helper.make_node(
+            "ReduceMax",
+            [f"{p}.abs", shared["axes"].name],
+            [f"{p}.max"],
+            keepdims=1,
+            name=f"{p}/ReduceMax",
+        ),
+        helper.make_node("Div", [f"{p}.max", shared["qmax"].name], [f"{p}.s0"], name=f"{p}/S"),
+        helper.make_node(
+            "Max", [f"{p}.s0", shared["floor"].name], [f"{p}.x_scale"], name=f"{p}/Floor"
+        ),
+        # Rows flattened to [M, K] so QuantizeLinear's per-axis form applies one scale a row.
+        helper.make_node(
+            "Reshape", [f"{p}.x_scale", shared["flat"].name], [f"{p}.s1d"], name=f"{p}/S1d"
+        ),
+        helper.make_node("Shape", [f"{p}.s1d"], [f"{p}.rows"], name=f"{p}/Rows"),
+        helper.make_node("Expand", [shared["zp"].name, f"{p}.rows"], [f"{p}.zp1d"], name=f"{p}/Zp"),
+        helper.make_node("Reshape", [x, shape_2d], [f"{p}.x2d"], name=f"{p}/X2d"),
+        helper.make_node(
+            "QuantizeLinear",
+            [f"{p}.x2d", f"{p}.s1d", f"{p}.zp1d"],
+            [f"{p}.xq2d"],
+            axis=0,
+            name=f"{p}/Q",
+        ),
+        helper.make_node("Shape", [x], [f"{p}.xshape"], name=f"{p}/XShape"),
+        helper.make_node("Reshape", [f"{p}.xq2d", f"{p}.xshape"], [f"{p}.x_q"], name=f"{p}/Xq"),
+    ]
+
+
+def _integer_matmul(
+    p: str,
+    y: str,
+    shared: dict[str, onnx.TensorProto],
+    deferred: dict[str, str],
+    row_scale: dict[str, str],
+) -> list[onnx.NodeProto]:
+    """`{p}.x_q` x `{p}.w_q` -> y: exact int32 accumulation, the per-column weight scale applied
+    per element, then the row scale (this MatMul's own, none when it is deferred to the next
+    MatMul, or its own times the deferred one)."""
+    integer = helper.make_node(
+        "MatMulIntegerToFloat",
+        [f"{p}.x_q", f"{p}.w_q", shared["one"].name, f"{p}.w_scale", shared["zp"].name],
+        [f"{p}.yw"],
+        domain="com.microsoft",
+        name=f"{p}/MatMulIntegerToFloat",
+    )
+    if y in deferred.values():  # its row scale is applied after the next MatMul
+        integer.output[0] = y
+        return [integer]
+    if y in deferred:
+        return [
+            integer,
+            helper.make_node(
+                "Mul", [f"{p}.x_scale", row_scale[deferred[y]]], [f"{p}.x_scale2"],
+                name=f"{p}/Scale2",
+            ),
+            helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale2"], [y], name=f"{p}/MulX"),
+        ]  # fmt: skip
+    return [integer, helper.make_node("Mul", [f"{p}.yw", f"{p}.x_scale"], [y], name=f"{p}/MulX")]
+
+
+def write_aligned(handle: BinaryIO, pieces: Iterator[bytes]) -> tuple[int, int]:
+    """Write `pieces` at the next DATA_ALIGN boundary from the handle's position; returns
+    (offset, length) for the tensor's external data entries."""
+    offset = -handle.tell() % DATA_ALIGN + handle.tell()
     handle.seek(offset)
     length = 0
     for piece in pieces:
         handle.write(piece)
         length += len(piece)
     return offset, length
+
+
+def point_to_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` read its bytes from `location` (beside the graph) at `offset`, its inline
+    data dropped."""
+    for field in _DATA_FIELDS:
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
 
 
 def all_tensors(
@@ -284,18 +330,8 @@ def write_weights(
                 pieces = (chunk.tobytes() for chunk in np.array_split(array.reshape(-1), 64))
             else:
                 continue  # inline attribute tensors stay inline
-            offset, length = _write_aligned(handle, pieces)
-            for field in _DATA_FIELDS:
-                tensor.ClearField(field)
-            del tensor.external_data[:]
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (
-                ("location", data_path.name),
-                ("offset", offset),
-                ("length", length),
-            ):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(value)
+            offset, length = write_aligned(handle, pieces)
+            point_to_external(tensor, data_path.name, offset, length)
 
 
 def quantize_rowwise_int8(fp32_model: Path, out_path: Path) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError
+from export.failures import ExportError
 
 DEFAULT_MODEL = "katanemo/Arch-Router-1.5B"
 # The revision `make export` fetches when REVISION is not given. Pin it to a commit sha you have

@@ -1,15 +1,14 @@
 """Serving rewrites of the exported decoder graph: the same work per real row, less around it.
 
 Optimum's export of transformers' SDPA attention spends more time on masks than on matmuls at
-router prompt lengths (measured on the 1.5B shapes, int8, 425 new tokens after 727 cached: 42 ms
-of a layer's 73 ms). The rewrites:
+router prompt lengths (a few hundred new tokens after a cached route-set prefix). The rewrites:
 
 - the additive attention bias is built once for all layers from the model's boolean mask, with
   float32's lowest finite value instead of -inf (what transformers' eager attention uses);
 - with no -inf in the bias a softmax row cannot be NaN, so each layer's IsNaN/Where guard after
   the softmax goes (a fully masked row, e.g. left padding, now averages instead of zeroing);
 - grouped-query attention without repeat_kv: the query heads that share a KV head become the rows
-  of one matmul against that head, instead of six copies of it;
+  of one matmul against that head, instead of one copy of it per query head;
 - an optional `attention_mask_4d` input ([batch, 1, seq, past+seq] int64, 1 = may attend;
   default one 1 that broadcasts) narrows that mask further, so that a trie of continuations can
   be scored in one sequence (each token attends to the prompt and its own ancestors);
@@ -38,15 +37,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from grpc_router.runtime import KEEP_LAST_M, KEEP_META
+from grpc_router.engines.arch_router.graph import ALIGN as ROW_TILE
+from grpc_router.engines.arch_router.graph import (
+    KEEP_INPUT,
+    KEEP_LAST_M,
+    KEEP_META,
+    MASK4D_INPUT,
+)
 
-KEEP_INPUT = "logits_to_keep"
-MASK4D_INPUT = "attention_mask_4d"
 LOGITS = "logits"
-_PREFIX = "streamline"
-KEEP_START = f"/{_PREFIX}/kept_hidden.start"
-BIAS = f"{_PREFIX}.attn_bias"
-ROW_TILE = 16  # = grpc_router.decoder.ALIGN
+PREFIX = "streamline"
+KEEP_START = f"/{PREFIX}/kept_hidden.start"
+BIAS = f"{PREFIX}.attn_bias"
 
 
 # Bumped whenever the rewrites change, so that built artifacts can tell they are stale.
@@ -74,7 +76,7 @@ class StreamlineReport:
         }
 
 
-class _Graph:
+class GraphEditor:
     """Producer/consumer maps over a graph's nodes (top level only)."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
@@ -143,7 +145,7 @@ class _Graph:
             self.consumers[new].append(node)
 
 
-def _remove_nan_guards(g: _Graph, report: StreamlineReport) -> None:
+def _remove_nan_guards(g: GraphEditor, report: StreamlineReport) -> None:
     for softmax in [n for n in g.nodes if n.op_type == "Softmax"]:
         users = g.consumers.get(softmax.output[0], [])
         isnan = next((u for u in users if u.op_type == "IsNaN"), None)
@@ -165,9 +167,54 @@ def _remove_nan_guards(g: _Graph, report: StreamlineReport) -> None:
         report.nan_guards_removed += 1
 
 
-def _share_mask_bias(g: _Graph, report: StreamlineReport) -> None:
+def _share_mask_bias(g: GraphEditor, report: StreamlineReport) -> None:
     """Each layer's `scores + Where(Slice(mask), 0, -inf)` -> `scores + bias` with one bias."""
     lowest = np.finfo(np.float32).min
+    per_layer = _masked_score_adds(g)
+    masks = {mask for _, _, mask in per_layer}
+    if len(masks) != 1:
+        if per_layer:
+            report.skipped.append(f"mask bias: {len(masks)} distinct boolean masks, expected 1")
+        return
+    (mask,) = masks
+    zero_name, low_name, bias = f"{PREFIX}.zero", f"{PREFIX}.lowest", BIAS
+    g.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(0.0, np.float32), zero_name),
+            numpy_helper.from_array(np.array(lowest, np.float32), low_name),
+        ]
+    )
+    # The caller's optional 4-D mask narrows the model's own (causal + padding) one: scoring
+    # packs a whole trie of continuations into one sequence, each token seeing its ancestors.
+    g.graph.initializer.append(
+        numpy_helper.from_array(np.ones((1, 1, 1, 1), np.int64), MASK4D_INPUT)
+    )
+    g.graph.input.append(
+        helper.make_tensor_value_info(
+            MASK4D_INPUT, TensorProto.INT64, ["batch_size", 1, "sequence_length", "total_length"]
+        )
+    )
+    nodes = [
+        helper.make_node(
+            "Cast", [MASK4D_INPUT], [f"{bias}.extra"], to=TensorProto.BOOL, name=f"/{PREFIX}/M4"
+        ),
+        helper.make_node(
+            "And", [mask, f"{bias}.extra"], [f"{bias}.allowed"], name=f"/{PREFIX}/And"
+        ),
+        helper.make_node(
+            "Where", [f"{bias}.allowed", zero_name, low_name], [bias], name=f"/{PREFIX}/Bias"
+        ),
+    ]
+    g.insert_before(per_layer[0][0], nodes)  # the first reader: the mask exists by then
+    for add, where, _ in per_layer:
+        for i, name in enumerate(add.input):
+            if name == where.output[0]:
+                add.input[i] = bias
+    report.mask_biases_shared = len(per_layer)
+
+
+def _masked_score_adds(g: GraphEditor) -> list[tuple[onnx.NodeProto, onnx.NodeProto, str]]:
+    """(scores + bias Add, its Where(Slice(mask), 0, -inf), the boolean mask) of every layer."""
     per_layer: list[tuple[onnx.NodeProto, onnx.NodeProto, str]] = []
     for add in [n for n in g.nodes if n.op_type == "Add"]:
         for slot, name in enumerate(add.input):
@@ -191,49 +238,10 @@ def _share_mask_bias(g: _Graph, report: StreamlineReport) -> None:
             if other is None or other.op_type not in ("MatMul", "FusedMatMul"):
                 continue
             per_layer.append((add, where, cond.input[0]))
-    masks = {mask for _, _, mask in per_layer}
-    if len(masks) != 1:
-        if per_layer:
-            report.skipped.append(f"mask bias: {len(masks)} distinct boolean masks, expected 1")
-        return
-    (mask,) = masks
-    zero_name, low_name, bias = f"{_PREFIX}.zero", f"{_PREFIX}.lowest", BIAS
-    g.graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(0.0, np.float32), zero_name),
-            numpy_helper.from_array(np.array(lowest, np.float32), low_name),
-        ]
-    )
-    # The caller's optional 4-D mask narrows the model's own (causal + padding) one: scoring
-    # packs a whole trie of continuations into one sequence, each token seeing its ancestors.
-    g.graph.initializer.append(
-        numpy_helper.from_array(np.ones((1, 1, 1, 1), np.int64), MASK4D_INPUT)
-    )
-    g.graph.input.append(
-        helper.make_tensor_value_info(
-            MASK4D_INPUT, TensorProto.INT64, ["batch_size", 1, "sequence_length", "total_length"]
-        )
-    )
-    nodes = [
-        helper.make_node(
-            "Cast", [MASK4D_INPUT], [f"{bias}.extra"], to=TensorProto.BOOL, name=f"/{_PREFIX}/M4"
-        ),
-        helper.make_node(
-            "And", [mask, f"{bias}.extra"], [f"{bias}.allowed"], name=f"/{_PREFIX}/And"
-        ),
-        helper.make_node(
-            "Where", [f"{bias}.allowed", zero_name, low_name], [bias], name=f"/{_PREFIX}/Bias"
-        ),
-    ]
-    g.insert_before(per_layer[0][0], nodes)  # the first reader: the mask exists by then
-    for add, where, _ in per_layer:
-        for i, name in enumerate(add.input):
-            if name == where.output[0]:
-                add.input[i] = bias
-    report.mask_biases_shared = len(per_layer)
+    return per_layer
 
 
-def _chain(g: _Graph, name: str, ops: Sequence[str]) -> list[onnx.NodeProto] | None:
+def _chain(g: GraphEditor, name: str, ops: Sequence[str]) -> list[onnx.NodeProto] | None:
     """The producers of `name`, following input 0, if their op types are `ops` in order."""
     found = []
     for op in ops:
@@ -245,34 +253,55 @@ def _chain(g: _Graph, name: str, ops: Sequence[str]) -> list[onnx.NodeProto] | N
     return found
 
 
-def _perm(node: onnx.NodeProto) -> list[int]:
+def transpose_perm(node: onnx.NodeProto) -> list[int]:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
 
 
-def _group_query_heads(g: _Graph, report: StreamlineReport, heads: int, kv_heads: int) -> None:
+@dataclass
+class _RepeatKv:
+    """One layer's attention as transformers' repeat_kv leaves it."""
+
+    keys: str  # the keys before repeat_kv, [batch, kv_heads, total, dim]
+    values: str
+    scale: str
+    add: onnx.NodeProto  # scores + bias
+    softmax: onnx.NodeProto
+    av: onnx.NodeProto  # MatMul(probabilities, repeated values)
+
+
+def _repeat_kv_attention(g: GraphEditor, matmul: onnx.NodeProto) -> _RepeatKv | None:
+    """The repeat_kv attention whose scores `matmul` computes, or None."""
+    k_side = _chain(g, matmul.input[1], ("Mul", "Transpose", "Reshape", "Expand", "Unsqueeze"))
+    if k_side is None or transpose_perm(k_side[1]) != [0, 1, 3, 2]:
+        return None
+    users = g.consumers.get(matmul.output[0], [])
+    add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+    softmax_users = g.consumers.get(add.output[0], []) if add else []
+    softmax = softmax_users[0] if len(softmax_users) == 1 else None
+    if add is None or softmax is None or softmax.op_type != "Softmax":
+        return None
+    readers = g.consumers.get(softmax.output[0], [])
+    av = [u for u in readers if u.op_type == "MatMul"]
+    if len(av) != 1 or len(readers) != 1:
+        return None
+    v_side = _chain(g, av[0].input[1], ("Reshape", "Expand", "Unsqueeze"))
+    if v_side is None:
+        return None
+    keys, values = k_side[-1].input[0], v_side[-1].input[0]
+    return _RepeatKv(keys, values, k_side[0].input[1], add, softmax, av[0])
+
+
+def _group_query_heads(g: GraphEditor, report: StreamlineReport, heads: int, kv_heads: int) -> None:
     """repeat_kv copies each KV head to its query heads before two batched matmuls; fold the
     query heads that share a KV head into the rows of one matmul instead (no copies, and one
-    [6*seq, dim] x [dim, total] product per KV head rather than six)."""
+    [group * seq, dim] x [dim, total] product per KV head rather than one per query head)."""
     if kv_heads >= heads or heads % kv_heads:
         return
-    to_group, to_heads = f"{_PREFIX}.to_group", f"{_PREFIX}.to_heads"
+    to_group, to_heads = f"{PREFIX}.to_group", f"{PREFIX}.to_heads"
     shapes_added = False
     for matmul in [n for n in g.nodes if n.op_type == "MatMul"]:
-        k_side = _chain(g, matmul.input[1], ("Mul", "Transpose", "Reshape", "Expand", "Unsqueeze"))
-        if k_side is None or _perm(k_side[1]) != [0, 1, 3, 2]:
-            continue
-        users = g.consumers.get(matmul.output[0], [])
-        add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
-        softmax_users = g.consumers.get(add.output[0], []) if add else []
-        softmax = softmax_users[0] if len(softmax_users) == 1 else None
-        if add is None or softmax is None or softmax.op_type != "Softmax":
-            continue
-        readers = g.consumers.get(softmax.output[0], [])
-        av = [u for u in readers if u.op_type == "MatMul"]
-        if len(av) != 1 or len(readers) != 1:
-            continue
-        v_side = _chain(g, av[0].input[1], ("Reshape", "Expand", "Unsqueeze"))
-        if v_side is None:
+        found = _repeat_kv_attention(g, matmul)
+        if found is None:
             continue
         if not shapes_added:
             g.graph.initializer.extend(
@@ -282,40 +311,40 @@ def _group_query_heads(g: _Graph, report: StreamlineReport, heads: int, kv_heads
                 ]
             )
             shapes_added = True
-        keys, values = k_side[-1].input[0], v_side[-1].input[0]
-        p = f"/{_PREFIX}/gqa{report.heads_grouped}"
-        scale = k_side[0].input[1]
-        q_in, scores, av_out = matmul.input[0], matmul.output[0], av[0].output[0]
+        p = f"/{PREFIX}/gqa{report.heads_grouped}"
+        q_in, scores, av_out = matmul.input[0], matmul.output[0], found.av.output[0]
         q_node = helper.make_node("Reshape", [q_in, to_group], [f"{p}.q"], name=f"{p}/Q")
         g.insert_before(
             matmul,
             [
                 q_node,
                 helper.make_node(
-                    "Transpose", [keys], [f"{p}.kt"], perm=[0, 1, 3, 2], name=f"{p}/Kt"
+                    "Transpose", [found.keys], [f"{p}.kt"], perm=[0, 1, 3, 2], name=f"{p}/Kt"
                 ),
-                helper.make_node("Mul", [f"{p}.kt", scale], [f"{p}.kts"], name=f"{p}/KtScale"),
+                helper.make_node(
+                    "Mul", [f"{p}.kt", found.scale], [f"{p}.kts"], name=f"{p}/KtScale"
+                ),
                 helper.make_node("MatMul", [f"{p}.q", f"{p}.kts"], [f"{p}.s"], name=f"{p}/QK"),
                 helper.make_node("Reshape", [f"{p}.s", to_heads], [f"{p}.scores"], name=f"{p}/S"),
             ],
         )
         g.insert_before(
-            av[0],
+            found.av,
             [
                 helper.make_node(
-                    "Reshape", [softmax.output[0], to_group], [f"{p}.p"], name=f"{p}/P"
+                    "Reshape", [found.softmax.output[0], to_group], [f"{p}.p"], name=f"{p}/P"
                 ),
-                helper.make_node("MatMul", [f"{p}.p", values], [f"{p}.o"], name=f"{p}/AV"),
+                helper.make_node("MatMul", [f"{p}.p", found.values], [f"{p}.o"], name=f"{p}/AV"),
                 helper.make_node("Reshape", [f"{p}.o", to_heads], [f"{p}.out"], name=f"{p}/O"),
             ],
         )
         g.rewire(scores, f"{p}.scores")
         g.rewire(av_out, f"{p}.out")
-        g.attention.append((q_node, add, f"{p}.out"))
+        g.attention.append((q_node, found.add, f"{p}.out"))
         report.heads_grouped += 1
 
 
-def _lm_head(g: _Graph) -> tuple[str, list[onnx.NodeProto]] | None:
+def _lm_head(g: GraphEditor) -> tuple[str, list[onnx.NodeProto]] | None:
     """The hidden-state tensor that lm_head reads, and the lm_head nodes reading it: the
     MatMul of the fp32 export, or its quantized rewrite (nodes named under /lm_head/)."""
     head = g.producer.get(LOGITS)
@@ -337,7 +366,33 @@ def _lm_head(g: _Graph) -> tuple[str, list[onnx.NodeProto]] | None:
     return hidden, [n for n in inside if hidden in n.input]
 
 
-def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
+_KEEP = f"/{PREFIX}/keep"
+"""Name prefix of the nodes and values `_add_logits_to_keep` adds."""
+_KEEP_CONSTANTS = {
+    "axes": np.array([1], np.int64),
+    "axis0": np.array([0], np.int64),
+    "end": np.array([np.iinfo(np.int64).max], np.int64),
+    "zero": np.array(0, np.int64),
+    "one": np.array(1, np.int64),
+    "row_shape": np.array([-1, 1, 1], np.int64),
+    "step_shape": np.array([1, -1, 1], np.int64),
+    "tile": np.array(ROW_TILE, np.int64),
+    "tile_less_one": np.array(ROW_TILE - 1, np.int64),
+}
+_K = {k: f"{PREFIX}.keep.{k}" for k in _KEEP_CONSTANTS}
+"""Initializer names of `_KEEP_CONSTANTS`."""
+
+
+def _kv(out: str) -> str:
+    """The name of a value `_add_logits_to_keep` computes."""
+    return f"{_KEEP}.{out}"
+
+
+def _keep_node(op: str, inputs: list[str], out: str, **attrs: Any) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, [_kv(out)], name=f"{_KEEP}/{out}", **attrs)
+
+
+def _add_logits_to_keep(g: GraphEditor, report: StreamlineReport) -> None:
     """`logits_to_keep` n: 0 = every position, n > 0 = the last n, -m = each row's last m
     tokens whose attention_mask is 1 (right-padded rows: [batch, m, vocab])."""
     if LOGITS not in g.outputs or KEEP_INPUT in {i.name for i in g.graph.input}:
@@ -347,111 +402,107 @@ def _add_logits_to_keep(g: _Graph, report: StreamlineReport) -> None:
         report.skipped.append("logits_to_keep: lm_head not found")
         return
     hidden, readers = found
-    p = f"/{_PREFIX}/keep"
-    c = {  # constants
-        "axes": np.array([1], np.int64),
-        "axis0": np.array([0], np.int64),
-        "end": np.array([np.iinfo(np.int64).max], np.int64),
-        "zero": np.array(0, np.int64),
-        "one": np.array(1, np.int64),
-        "row_shape": np.array([-1, 1, 1], np.int64),
-        "step_shape": np.array([1, -1, 1], np.int64),
-        "tile": np.array(ROW_TILE, np.int64),
-        "tile_less_one": np.array(ROW_TILE - 1, np.int64),
-    }
-    names = {k: f"{_PREFIX}.keep.{k}" for k in c}
-    g.graph.initializer.extend(numpy_helper.from_array(v, names[k]) for k, v in c.items())
+    g.graph.initializer.extend(
+        numpy_helper.from_array(v, _K[k]) for k, v in _KEEP_CONSTANTS.items()
+    )
     g.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), KEEP_INPUT))
     g.graph.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, []))
+    g.insert_before(None, _kept_rows_nodes())
+    first = min(readers, key=lambda n: g.position[id(n)])
+    g.insert_before(first, _select_kept_nodes(hidden))
+    for reader in readers:
+        for i, name in enumerate(reader.input):
+            if name == hidden:
+                reader.input[i] = _kv("selected")
+    report.logits_to_keep = True
 
-    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> onnx.NodeProto:
-        return helper.make_node(op, inputs, [f"{p}.{out}"], name=f"{p}/{out}", **attrs)
 
-    def v(out: str) -> str:
-        return f"{p}.{out}"
+def _kept_rows_nodes() -> list[onnx.NodeProto]:
+    """From the graph inputs: KEEP_START = -n, where n is how many trailing positions the last
+    layer and lm_head keep; in per-row mode, `first` (each row's first kept position) and `m`."""
+    v = _kv
+    return [
+        # seq = new tokens; last[b] = index among them of row b's last real token.
+        _keep_node("Shape", ["input_ids"], "ids_shape"),
+        _keep_node("Gather", [v("ids_shape"), _K["one"]], "seq", axis=0),
+        _keep_node("Shape", ["attention_mask"], "mask_shape"),
+        _keep_node("Gather", [v("mask_shape"), _K["one"]], "total", axis=0),
+        _keep_node("Sub", [v("total"), v("seq")], "past"),
+        _keep_node("ReduceSum", ["attention_mask", _K["axes"]], "real", keepdims=0),
+        _keep_node("Sub", [v("real"), v("past")], "count"),
+        _keep_node("Sub", [v("count"), _K["one"]], "last"),
+        # per-row mode: m = -keep rows end at each row's last real token
+        _keep_node("Less", [KEEP_INPUT, _K["zero"]], "per_row"),
+        _keep_node("Neg", [KEEP_INPUT], "neg_keep"),
+        _keep_node("Max", [v("neg_keep"), _K["one"]], "m"),
+        _keep_node("Sub", [v("last"), v("m")], "before_first"),
+        _keep_node("Add", [v("before_first"), _K["one"]], "first"),
+        _keep_node("ReduceMin", [v("first")], "first_last", keepdims=0),
+        # ... rounded up to whole 16-row tiles (the engine aligns rows the same way).
+        _keep_node("Sub", [v("seq"), v("first_last")], "span"),
+        _keep_node("Add", [v("span"), _K["tile_less_one"]], "span_up"),
+        _keep_node("Div", [v("span_up"), _K["tile"]], "tiles"),
+        _keep_node("Mul", [v("tiles"), _K["tile"]], "tiled"),
+        _keep_node("Min", [v("tiled"), v("seq")], "rows_n"),
+        # n = the rows the last layer and lm_head keep; start = -n (0 keeps them all).
+        _keep_node("Where", [v("per_row"), v("rows_n"), KEEP_INPUT], "n"),
+        _keep_node("Neg", [v("n")], "neg"),
+        helper.make_node("Unsqueeze", [v("neg"), _K["axis0"]], [KEEP_START], name=f"{_KEEP}/S"),
+    ]
 
-    g.insert_before(
-        None,
+
+def _select_kept_nodes(hidden: str) -> list[onnx.NodeProto]:
+    """`hidden`'s last n positions, then (per-row mode) each row's own last m of them: the
+    value `selected` that lm_head reads instead of `hidden`."""
+    v, kept = _kv, _kv("hidden")
+    return [
+        helper.make_node(
+            "Slice", [hidden, KEEP_START, _K["end"], _K["axes"]], [kept], name=f"{_KEEP}/Slice",
+        ),
+        # [batch, m, hidden] target of the per-row gather's index
+        helper.make_node("Shape", [kept], [v("kdims")], name=f"{_KEEP}/kdims"),
+        _keep_node("Gather", [v("kdims"), _K["axis0"]], "b"),
+        helper.make_node("Shape", [kept], [v("hdim")], name=f"{_KEEP}/hdim", start=2),
+        _keep_node("Unsqueeze", [v("m"), _K["axis0"]], "m1"),
+        _keep_node("Concat", [v("b"), v("m1"), v("hdim")], "expand_to", axis=0),
+        helper.make_node(
+            "If", [v("per_row")], [v("selected")], name=f"{_KEEP}/If",
+            then_branch=_per_row_branch(kept), else_branch=_keep_all_branch(kept),
+        ),
+    ]  # fmt: skip
+
+
+def _per_row_branch(kept: str) -> onnx.GraphProto:
+    """Per-row mode: each row's own last m positions out of the kept window, [batch, m, hidden]."""
+    v = _kv
+    return helper.make_graph(
         [
-            # seq = new tokens; last[b] = index among them of row b's last real token.
-            node("Shape", ["input_ids"], "ids_shape"),
-            node("Gather", [v("ids_shape"), names["one"]], "seq", axis=0),
-            node("Shape", ["attention_mask"], "mask_shape"),
-            node("Gather", [v("mask_shape"), names["one"]], "total", axis=0),
-            node("Sub", [v("total"), v("seq")], "past"),
-            node("ReduceSum", ["attention_mask", names["axes"]], "real", keepdims=0),
-            node("Sub", [v("real"), v("past")], "count"),
-            node("Sub", [v("count"), names["one"]], "last"),
-            # per-row mode: m = -keep rows end at each row's last real token
-            node("Less", [KEEP_INPUT, names["zero"]], "per_row"),
-            node("Neg", [KEEP_INPUT], "neg_keep"),
-            node("Max", [v("neg_keep"), names["one"]], "m"),
-            node("Sub", [v("last"), v("m")], "before_first"),
-            node("Add", [v("before_first"), names["one"]], "first"),
-            node("ReduceMin", [v("first")], "first_last", keepdims=0),
-            # ... rounded up to whole 16-row tiles (the engine aligns rows the same way).
-            node("Sub", [v("seq"), v("first_last")], "span"),
-            node("Add", [v("span"), names["tile_less_one"]], "span_up"),
-            node("Div", [v("span_up"), names["tile"]], "tiles"),
-            node("Mul", [v("tiles"), names["tile"]], "tiled"),
-            node("Min", [v("tiled"), v("seq")], "rows_n"),
-            # n = the rows the last layer and lm_head keep; start = -n (0 keeps them all).
-            node("Where", [v("per_row"), v("rows_n"), KEEP_INPUT], "n"),
-            node("Neg", [v("n")], "neg"),
-            helper.make_node("Unsqueeze", [v("neg"), names["axis0"]], [KEEP_START], name=f"{p}/S"),
-        ],
-    )
-    kept = v("hidden")
-    # Per-row mode: each row's own last m positions out of the kept window, [batch, m, hidden].
-    then_graph = helper.make_graph(
-        [
-            node("Sub", [v("seq"), v("n")], "window"),
-            node("Sub", [v("first"), v("window")], "at"),
-            node("Reshape", [v("at"), names["row_shape"]], "at3"),
-            node("Range", [names["zero"], v("m"), names["one"]], "steps"),
-            node("Reshape", [v("steps"), names["step_shape"]], "steps3"),
-            node("Add", [v("at3"), v("steps3")], "at_m"),
-            node("Expand", [v("at_m"), v("expand_to")], "index"),
-            node("GatherElements", [kept, v("index")], "row_last", axis=1),
+            _keep_node("Sub", [v("seq"), v("n")], "window"),
+            _keep_node("Sub", [v("first"), v("window")], "at"),
+            _keep_node("Reshape", [v("at"), _K["row_shape"]], "at3"),
+            _keep_node("Range", [_K["zero"], v("m"), _K["one"]], "steps"),
+            _keep_node("Reshape", [v("steps"), _K["step_shape"]], "steps3"),
+            _keep_node("Add", [v("at3"), v("steps3")], "at_m"),
+            _keep_node("Expand", [v("at_m"), v("expand_to")], "index"),
+            _keep_node("GatherElements", [kept, v("index")], "row_last", axis=1),
         ],
         "keep_row_last",
         [],
         [helper.make_tensor_value_info(v("row_last"), TensorProto.FLOAT, None)],
     )
-    else_graph = helper.make_graph(
-        [node("Identity", [kept], "all_kept")],
+
+
+def _keep_all_branch(kept: str) -> onnx.GraphProto:
+    """Otherwise the kept window itself."""
+    return helper.make_graph(
+        [_keep_node("Identity", [kept], "all_kept")],
         "keep_all",
         [],
-        [helper.make_tensor_value_info(v("all_kept"), TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(_kv("all_kept"), TensorProto.FLOAT, None)],
     )
-    first = min(readers, key=lambda n: g.position[id(n)])
-    g.insert_before(
-        first,
-        [
-            helper.make_node(
-                "Slice", [hidden, KEEP_START, names["end"], names["axes"]], [kept],
-                name=f"{p}/Slice",
-            ),
-            # [batch, m, hidden] target of the per-row gather's index
-            helper.make_node("Shape", [kept], [v("kdims")], name=f"{p}/kdims"),
-            node("Gather", [v("kdims"), names["axis0"]], "b"),
-            helper.make_node("Shape", [kept], [v("hdim")], name=f"{p}/hdim", start=2),
-            node("Unsqueeze", [v("m"), names["axis0"]], "m1"),
-            node("Concat", [v("b"), v("m1"), v("hdim")], "expand_to", axis=0),
-            helper.make_node(
-                "If", [v("per_row")], [v("selected")], name=f"{p}/If",
-                then_branch=then_graph, else_branch=else_graph,
-            ),
-        ],
-    )  # fmt: skip
-    for reader in readers:
-        for i, name in enumerate(reader.input):
-            if name == hidden:
-                reader.input[i] = v("selected")
-    report.logits_to_keep = True
 
 
-def _trim_last_layer(g: _Graph, report: StreamlineReport) -> None:
+def _trim_last_layer(g: GraphEditor, report: StreamlineReport) -> None:
     """Only the kept positions' hidden states leave the last layer, so past its K/V projections
     (which every position needs, for the cache) the layer runs on those rows alone: queries,
     attention, o_proj, the residual and the MLP."""
@@ -479,15 +530,15 @@ def _trim_last_layer(g: _Graph, report: StreamlineReport) -> None:
     if residual is None:
         report.skipped.append("last layer: residual Add not found")
         return
-    seq_axis = {2: f"{_PREFIX}.axis2", 1: f"{_PREFIX}.keep.axes"}
-    keep_rows = f"{_PREFIX}.keep_rows_shape"
+    seq_axis = {2: f"{PREFIX}.axis2", 1: _K["axes"]}
+    keep_rows = f"{PREFIX}.keep_rows_shape"
     g.graph.initializer.extend(
         [
             numpy_helper.from_array(np.array([2], np.int64), seq_axis[2]),
             numpy_helper.from_array(np.array([0, 0, -1], np.int64), keep_rows),
         ]
     )
-    end = f"{_PREFIX}.keep.end"
+    end = _K["end"]
     cuts = [  # (reader, input slot, sequence axis)
         (q_node, 0, 2),  # queries [batch, heads, seq, dim]
         (add, list(add.input).index(BIAS), 2),  # bias [batch, 1, seq, total]
@@ -495,7 +546,7 @@ def _trim_last_layer(g: _Graph, report: StreamlineReport) -> None:
     ]
     for reader, slot, axis in cuts:
         source = reader.input[slot]
-        cut = f"{source}/{_PREFIX}_kept"
+        cut = f"{source}/{PREFIX}_kept"
         g.insert_before(
             reader,
             [
@@ -520,7 +571,7 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _prune(graph: onnx.GraphProto) -> None:
+def prune_unread(graph: onnx.GraphProto) -> None:
     """Drop nodes whose outputs nothing reads (the replaced guards and per-layer masks)."""
     needed = {o.name for o in graph.output}
     keep: list[onnx.NodeProto] = []
@@ -541,7 +592,7 @@ def streamline(
     """Apply the rewrites to `model` in place (weights untouched, external data stays put).
     `heads`/`kv_heads` (the config's attention heads) enable the grouped-query rewrite."""
     report = StreamlineReport()
-    g = _Graph(model.graph)
+    g = GraphEditor(model.graph)
     _remove_nan_guards(g, report)
     _share_mask_bias(g, report)
     if heads and kv_heads:
@@ -549,7 +600,7 @@ def streamline(
     _add_logits_to_keep(g, report)
     _trim_last_layer(g, report)
     g.commit()
-    _prune(model.graph)
+    prune_unread(model.graph)
     if report.logits_to_keep:
         onnx.helper.set_model_props(
             model, {**{p.key: p.value for p in model.metadata_props}, KEEP_META: KEEP_LAST_M}

@@ -12,11 +12,12 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from grpc_router.config import ConfigError
 from grpc_router.errors import RouterError
-from grpc_router.evaluate import register_eval
+from grpc_router.evaluate.runner import register_eval
+from grpc_router.settings import ConfigError
+from grpc_router.types import Message, Role
 
-_ROLE_NAMES = ("user", "assistant", "system", "developer", "tool")
+_ROLE_NAMES = tuple(role.value for role in Role)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from grpc_router.server import serve
+    from grpc_router.serving.server import serve
 
     try:
         return serve(args.config)
@@ -84,18 +85,17 @@ def _conversation(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _route_request(conv: dict[str, Any], request_id: str) -> Any:
+    from grpc_router.serving.wire import messages_to_pb
     from grpc_router.v1 import router_pb2 as pb
 
-    messages = []
+    messages: list[Message] = []
     for i, m in enumerate(conv["messages"]):
         role = str(m.get("role", "")) if isinstance(m, dict) else ""
         if role not in _ROLE_NAMES:
             raise SystemExit(
                 f"grpc-router: messages[{i}].role must be one of {', '.join(_ROLE_NAMES)}"
             )
-        messages.append(
-            pb.Message(role=pb.Role.Value(f"ROLE_{role.upper()}"), content=str(m.get("content")))
-        )
+        messages.append(Message(Role(role), str(m.get("content"))))
     routes = [
         pb.RouteDefinition(
             name=str(r.get("name", "")),
@@ -104,7 +104,7 @@ def _route_request(conv: dict[str, Any], request_id: str) -> Any:
         )
         for r in conv.get("routes") or []
     ]
-    return pb.RouteRequest(messages=messages, routes=routes, request_id=request_id)
+    return pb.RouteRequest(messages=messages_to_pb(messages), routes=routes, request_id=request_id)
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:

@@ -6,6 +6,8 @@ the engines decide on them, dispatch forwards them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -13,6 +15,25 @@ from typing import Protocol, runtime_checkable
 
 # The route every engine may answer when no configured route fits (Arch-Router's contract).
 OTHER_ROUTE = "other"
+
+
+class FallbackReason(StrEnum):
+    """Why a call was answered with the default route instead of the engine's choice."""
+
+    NONE = ""
+    OTHER = "other"
+    """The engine answered `other`: no route fits."""
+    BELOW_THRESHOLD = "below_threshold"
+    ENGINE_ERROR = "engine_error"
+    ENGINE_TIMEOUT = "engine_timeout"
+    OVERLOADED = "overloaded"
+    UNKNOWN_ROUTE = "unknown_route"
+    """The engine chose a route the configuration does not map to models."""
+
+    @property
+    def engine_failed(self) -> bool:
+        """True when the engine failed (rather than chose the default route)."""
+        return self in _ENGINE_FAILURES
 
 
 class Role(StrEnum):
@@ -23,10 +44,22 @@ class Role(StrEnum):
     TOOL = "tool"
 
 
+class MessageKind(StrEnum):
+    """What a message carries. Agent harnesses interleave tool traffic with the user's turns;
+    routing reads only text, and only up to the latest real user turn."""
+
+    TEXT = "text"
+    TOOL_CALL = "tool_call"
+    """An assistant turn that only calls tools (its text, if any, is the call)."""
+    TOOL_RESULT = "tool_result"
+    """A tool's answer, whatever role the wire format gave it (Anthropic sends it as user)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     role: Role
     content: str
+    kind: MessageKind = MessageKind.TEXT
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +70,13 @@ class RouteSpec:
     description: str
     # Optional example utterances (used by the encoder engine; Arch-Router ignores them).
     examples: tuple[str, ...] = ()
+
+
+def route_set_key(routes: Sequence[RouteSpec]) -> str:
+    """Stable hash of a route set: names, descriptions, examples and their order. Caches of
+    anything derived from a route set (prompt prefixes, embeddings, decisions) key by it."""
+    payload = json.dumps([[r.name, r.description, list(r.examples)] for r in routes])
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +135,28 @@ class RouteRequest:
     """Per-request route set overriding the configured one; None uses the config's."""
     request_id: str = ""
     full_scores: bool = True
+    session_id: str = ""
+    """The caller's conversation or agent-run id; empty routes the call on its own."""
+
+
+class DecisionSource(StrEnum):
+    """Where a call's decision came from."""
+
+    ENGINE = "engine"
+    """The engine ran on this call."""
+    CACHE = "cache"
+    """The same routing-relevant conversation was decided before: no model run."""
+    SESSION = "session"
+    """The session's route, without a model run (a tool step, or a pinned session)."""
+
+
+class SessionStatus(StrEnum):
+    NONE = ""
+    """No session id, or sessions are off."""
+    NEW = "new"
+    CONTINUED = "continued"
+    EXPIRED = "expired"
+    """The id was known but its session had expired (or been evicted): it started afresh."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,11 +170,25 @@ class RouteOutcome:
     scores: Mapping[str, float]
     engine: str
     fallback_used: bool = False
-    fallback_reason: str = ""
-    """Empty, or one of: "other", "below_threshold", "engine_error", "engine_timeout",
-    "overloaded", "unknown_route"."""
+    fallback_reason: FallbackReason = FallbackReason.NONE
     fallback_detail: str = ""
     """Why the engine failed, for operators (never message content); empty otherwise."""
     timings_ms: Mapping[str, float] = field(default_factory=dict)
     decision: Decision | None = None
     """The engine's raw decision; None when the engine failed and the router failed open."""
+    engine_route: str = ""
+    """What the engine answered for this conversation before any fallback or session policy
+    ("other" included), from this call's run or the decision cache; empty when the session
+    answered without a model run, or the engine failed. With `pinned`, the counterfactual."""
+    source: DecisionSource = DecisionSource.ENGINE
+    session_status: SessionStatus = SessionStatus.NONE
+    pinned: bool = False
+    """The session's route was kept although the engine preferred `engine_route`, or no model
+    ran because the session answered."""
+    switched: bool = False
+    """This turn moved the session to a new route."""
+
+
+_ENGINE_FAILURES = frozenset(
+    {FallbackReason.ENGINE_ERROR, FallbackReason.ENGINE_TIMEOUT, FallbackReason.OVERLOADED}
+)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from grpc_router.encoder import EncoderEngine, EncoderSettings
+from grpc_router.engines.encoder.engine import EncoderEngine
+from grpc_router.engines.encoder.phrases import bm25_table, humanize, split_phrases, terms
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
-from grpc_router.phrases import bm25_table, humanize, split_phrases, terms
+from grpc_router.settings import EncoderSettings
 from grpc_router.types import OTHER_ROUTE, Decision, Message, Role, RouteSpec
 
 ROUTES = (

@@ -1,5 +1,5 @@
 """`grpc-router eval` on small sets built here: in process through the service's Router, over
-gRPC against a real server, bad input, and a slice of the shared dev sets when present."""
+gRPC against a real server, bad input, and a slice of the dev sets vendored in data/eval."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from export.fixtures import shared_dir
-from grpc_router.evaluate import compute_metrics, route_name, run_eval
-from grpc_router.selection import EngineConfig
+from grpc_router.evaluate.runner import compute_metrics, route_name, run_eval
+from grpc_router.settings import EngineConfig
 from grpc_router.types import OTHER_ROUTE, RouteSpec
+from tests.fixtures.paths import eval_dir
 from tests.service.conftest import ServerProcess, make_config, start_server
 from tests.service.fake_upstream import FakeUpstream
 
@@ -138,7 +138,7 @@ def test_missing_routes_file(tmp_path: Path) -> None:
 
 
 def test_metrics_arithmetic() -> None:
-    from grpc_router.evaluate import EvalCase, Prediction
+    from grpc_router.evaluate.runner import EvalCase, Prediction
 
     routes = [RouteSpec("a", "A"), RouteSpec("b", "B")]
     labels = ["a", "a", "b", OTHER_ROUTE]
@@ -156,11 +156,28 @@ def test_metrics_arithmetic() -> None:
     assert route_name("RentalCars") == "rental_cars" and route_name("3d") == "r_3d"
 
 
-def test_shared_dev_slice(tmp_path: Path, encoder_artifact: Path) -> None:
+@pytest.mark.parametrize(
+    ("set_name", "routes_name", "cases", "routes"),
+    [
+        ("clinc150_val", "clinc150_routes", 3100, 10),
+        ("clinc150_val", "clinc150_routes_examples", 3100, 10),
+        ("sgd_dev", "sgd_dev_routes", 1500, 16),
+    ],
+)
+def test_vendored_sets_load(set_name: str, routes_name: str, cases: int, routes: int) -> None:
+    """Every case of data/eval loads and names a route of its routes file (or none)."""
+    from grpc_router.evaluate.runner import load_cases, load_routes
+
+    specs = load_routes(eval_dir() / f"{routes_name}.json")
+    loaded = load_cases(eval_dir() / f"{set_name}.jsonl", specs, None)
+    assert len(specs) == routes and len(loaded) == cases
+    labels = {c.label for c in loaded}
+    assert labels - {OTHER_ROUTE} == {r.name for r in specs}
+
+
+def test_dev_set_slice(tmp_path: Path, encoder_artifact: Path) -> None:
     """The first cases of the real CLINC150 val set (routing is far above chance)."""
-    data = shared_dir() / "eval"
-    if not (data / "clinc150_val.jsonl").is_file():
-        pytest.skip(f"{data} is absent: the shared eval sets are not available here")
+    data = eval_dir()
     m = asyncio.run(
         run_eval(
             data / "clinc150_val.jsonl",
@@ -175,7 +192,7 @@ def test_shared_dev_slice(tmp_path: Path, encoder_artifact: Path) -> None:
 
 
 def test_calibrate(tmp_path: Path, encoder_artifact: Path) -> None:
-    from grpc_router.evaluate import calibrate_encoder
+    from grpc_router.evaluate.runner import calibrate_encoder
 
     cases, routes = write_set(tmp_path)
     engine = EngineConfig(kind="encoder", encoder_artifact=encoder_artifact)

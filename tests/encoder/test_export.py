@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from grpc_router.artifact import load_artifact, resolve_variant_dir
-from grpc_router.embedding import EmbeddingModel
-from grpc_router.encoder import EncoderEngine
+from grpc_router.engines.artifact import load_artifact, resolve_variant_dir
+from grpc_router.engines.encoder.embedding import EmbeddingModel
+from grpc_router.engines.encoder.engine import EncoderEngine
 from grpc_router.errors import ArtifactError, EngineUnavailable
 from tests.fixtures.models import run_export
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from grpc_router.cascade import CascadeEngine, probability_margin
-from grpc_router.encoder import EncoderEngine
-from grpc_router.engine import ArchRouterEngine
-from grpc_router.selection import EngineConfig, build_engine, resolve_path
+from grpc_router.engines.arch_router.engine import ArchRouterEngine
+from grpc_router.engines.cascade import CascadeEngine, probability_margin
+from grpc_router.engines.encoder.engine import EncoderEngine
+from grpc_router.engines.selection import build_engine, resolve_path
+from grpc_router.settings import EngineConfig
 from grpc_router.types import OTHER_ROUTE, Message, Role, RouteSpec
 
 ROUTES = (

@@ -9,23 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpc_router.decoder import (
-    ALIGN,
+from grpc_router.engines.arch_router.graph import ALIGN
+from grpc_router.engines.arch_router.prefill import (
     Rows,
-    Trie,
     extend,
-    greedy,
-    outcome_of,
-    packed_trie_logits,
     prompt_and_trie,
     prompt_rows,
-    score_all,
+    tail_logits,
 )
+from grpc_router.engines.arch_router.prompt import Prompt, PromptBuilder
+from grpc_router.engines.arch_router.runtime import DecoderSession
+from grpc_router.engines.arch_router.scoring import outcome_of
+from grpc_router.engines.arch_router.trie import Trie
 from grpc_router.errors import InvalidArgument
-from grpc_router.kvcache import PrefixCache, PrefixKV
-from grpc_router.prompt import Prompt, PromptBuilder
-from grpc_router.runtime import DecoderSession
 from grpc_router.types import Message, Role, RouteSpec
+from tests.fixtures.oracle import score_by_rows, scoring_rows, stepwise_greedy
 
 CPU_VARIANTS = ("fp32", "int4", "int8")
 ROUTES = [
@@ -53,6 +51,13 @@ def _setup(artifacts: Path, variant: str) -> tuple[DecoderSession, PromptBuilder
     session = DecoderSession(artifacts / variant / "model.onnx", provider="cpu")
     builder = PromptBuilder.from_dir(artifacts / variant)
     return session, builder, builder.build(MESSAGES, ROUTES, budget=2048)
+
+
+def packed_trie_logits(
+    session: DecoderSession, trie: Trie, prompt: Rows, root_logits: np.ndarray
+) -> dict[int, np.ndarray]:
+    """Every internal node's logits from one run after the prompt's KV."""
+    return tail_logits(session, trie.tail(full=True), prompt, root_logits)
 
 
 def _full(session: DecoderSession, ids: tuple[int, ...]) -> tuple[np.ndarray, Rows]:
@@ -94,10 +99,10 @@ def test_constrained_equals_plain_greedy(tiny_artifacts: Path, variant: str) -> 
     }
     trie = Trie(paths)
     root, rows = _full(session, prompt.ids)
-    outcome, runs = greedy(session, trie, rows, root)
+    outcome, runs = stepwise_greedy(session, trie, rows, root)
     assert outcome.route == "target"
     assert runs == 2  # after g0 (two children) and after g1 (two children); unique after g2
-    scored, _ = score_all(session, trie, rows, root)
+    scored, _ = score_by_rows(session, trie, rows, root)
     assert scored.route == "target"
 
 
@@ -105,7 +110,7 @@ def _assert_path_logits(
     session: DecoderSession, trie: Trie, prompt: Rows, nodes: dict[int, np.ndarray]
 ) -> None:
     """Each node's logits are those of its own path fed after a copy of the prompt's KV."""
-    for seq in trie.scoring_rows():
+    for seq in scoring_rows(trie):
         logits, _ = extend(session, prompt, [seq])
         at = 0
         for d, tok in enumerate(seq):
@@ -118,7 +123,6 @@ def test_packed_trie_equals_one_row_per_continuation(tiny_artifacts: Path, varia
     """The whole trie in one sequence (tree mask) gives each node the logits it gets when its
     path is fed on its own after a copy of the prompt's KV."""
     session, _, prompt = _setup(tiny_artifacts, variant)
-    assert session.has_mask4d and session.has_keep
     paths = TRIE_PATHS
     trie = Trie(paths)
     root, rows = _full(session, prompt.ids)  # the graph computed the last position only
@@ -136,12 +140,10 @@ def test_packed_trie_equals_one_row_per_continuation(tiny_artifacts: Path, varia
     internal = [i for i, n in enumerate(trie.nodes) if n.children]
     assert sorted(packed) == internal
     _assert_path_logits(session, trie, rows, packed)
-    session.has_mask4d = False  # the per-row path, for graphs exported before the 4-D mask
-    by_rows, runs = score_all(session, trie, rows, root, rows_per_run=2)
-    session.has_mask4d = True
-    by_tree, one = score_all(session, trie, rows, root)
+    by_rows, runs = score_by_rows(session, trie, rows, root, rows_per_run=2)
+    by_tree = outcome_of(trie, packed, full=True)
     # 5 rows, 2 a run; a graph with fused attention (int8) takes one row a run after a past
-    assert (runs, one) == (5 if session.one_row_prefill else 3, 1)
+    assert runs == (5 if session.one_row_prefill else 3)
     assert session.one_row_prefill == (variant == "int8")
     assert by_tree.route == by_rows.route
     for name in paths:
@@ -155,8 +157,7 @@ def test_scores_are_normalised_path_probabilities(tiny_artifacts: Path, variant:
     paths = builder.route_paths(names)
     trie = Trie(paths)
     root, rows = _full(session, prompt.ids)
-    outcome, runs = score_all(session, trie, rows, root)
-    assert runs == 1
+    outcome = outcome_of(trie, packed_trie_logits(session, trie, rows, root), full=True)
     assert set(outcome.scores) == set(names)
     assert math.isclose(sum(outcome.scores.values()), 1.0, rel_tol=1e-9)
     assert outcome.confidence == outcome.scores[outcome.route]
@@ -178,7 +179,7 @@ def test_scores_are_normalised_path_probabilities(tiny_artifacts: Path, variant:
     for name in names:
         assert outcome.scores[name] == pytest.approx(math.exp(logp[name]) / norm, rel=1e-4)
     # Without full scores: the same route, confidence = P(decoded path until unique).
-    decided, _ = greedy(session, trie, rows, root)
+    decided, _ = stepwise_greedy(session, trie, rows, root)
     assert decided.route == outcome.route and decided.scores == {}
     assert 0.0 < decided.confidence <= 1.0
 
@@ -232,29 +233,28 @@ def test_trie_in_the_prompts_run_equals_a_run_after_it(tiny_artifacts: Path, var
     prefill's logits and every node those of a trie run after the prompt's KV; so the decisions,
     full or greedy, are those of the runs one after another."""
     session, _, prompt = _setup(tiny_artifacts, variant)
-    assert session.keeps_last_m
     trie = Trie(TRIE_PATHS)
     root, rows = _full(session, prompt.ids)
     packed = packed_trie_logits(session, trie, rows, root)
-    (nodes,) = prompt_and_trie(
+    (nodes,), _ = prompt_and_trie(
         session, session.empty_past(1), 0, [prompt.ids], [trie.tail(full=True)]
     )
     assert sorted(nodes) == sorted(packed)
     _same(variant, nodes[0], root)
     for node, logits in packed.items():
         np.testing.assert_allclose(nodes[node], logits, rtol=0, atol=1e-4)
-    by_runs, _ = score_all(session, trie, rows, root)
+    by_runs, _ = score_by_rows(session, trie, rows, root)
     joined = outcome_of(trie, nodes, full=True)
     assert joined.route == by_runs.route
     for name in TRIE_PATHS:
         assert joined.scores[name] == pytest.approx(by_runs.scores[name], rel=1e-4)
     # Greedy needs only the nodes still shared by several routes: 7 and 7-9.
-    (few,) = prompt_and_trie(
+    (few,), _ = prompt_and_trie(
         session, session.empty_past(1), 0, [prompt.ids], [trie.tail(full=False)]
     )
     shared = {n for n, node in enumerate(trie.nodes) if len(node.routes) > 1}
     assert set(few) == shared and len(shared) == 3
-    stepped, _ = greedy(session, trie, rows, root)
+    stepped, _ = stepwise_greedy(session, trie, rows, root)
     walked = outcome_of(trie, few, full=False)
     assert walked.route == stepped.route and walked.scores == {}
     assert walked.confidence == pytest.approx(stepped.confidence, rel=1e-4)
@@ -273,22 +273,22 @@ def test_trie_in_the_prompts_run_does_not_depend_on_batch_cache_or_chunks(
     trie = Trie(TRIE_PATHS)
     tails = [trie.tail(full=True), trie.tail(full=False), trie.tail(full=True)]
     alone = [
-        prompt_and_trie(session, session.empty_past(1), 0, [p.ids], [t])[0]
+        prompt_and_trie(session, session.empty_past(1), 0, [p.ids], [t])[0][0]
         for p, t in zip(prompts, tails, strict=True)
     ]
     ids = [p.ids for p in prompts]
-    batched = prompt_and_trie(session, session.empty_past(3), 0, ids, tails)
+    batched, _ = prompt_and_trie(session, session.empty_past(3), 0, ids, tails)
     # 16 tokens a row a run: rows go on after a finished row's trie widened the run
-    chunked = prompt_and_trie(session, session.empty_past(3), 0, ids, tails, chunk_tokens=48)
+    chunked, _ = prompt_and_trie(session, session.empty_past(3), 0, ids, tails, chunk_tokens=48)
     n = len(prompt.prefix.ids) // ALIGN * ALIGN
     prefix = session.run(
         np.asarray([ids[0][:n]]), np.ones((1, n), np.int64), np.arange(n)[None],
         session.empty_past(1),
     )  # fmt: skip
-    (cached,) = prompt_and_trie(session, prefix.present, n, [ids[0][n:]], tails[:1])
+    (cached,), _ = prompt_and_trie(session, prefix.present, n, [ids[0][n:]], tails[:1])
     # the whole prompt and its trie in one run without a past (the fused kernel ignores
     # position_ids there, so the engine splits such a run at an aligned boundary)
-    one_run = prompt_and_trie(
+    one_run, _ = prompt_and_trie(
         session, session.empty_past(1), 0, ids[:1], tails[:1], chunk_tokens=4096
     )
     for other in (batched, chunked, one_run + alone[1:]):
@@ -308,7 +308,7 @@ def test_trie_after_a_prompt_too_short_to_split(tiny_artifacts: Path, variant: s
     session, _, prompt = _setup(tiny_artifacts, variant)
     trie = Trie(TRIE_PATHS)
     ids = prompt.ids[:12]
-    (nodes,) = prompt_and_trie(session, session.empty_past(1), 0, [ids], [trie.tail(full=True)])
+    (nodes,), _ = prompt_and_trie(session, session.empty_past(1), 0, [ids], [trie.tail(full=True)])
     _, rows = _full(session, ids)
     _assert_path_logits(session, trie, rows, nodes)
 
@@ -318,24 +318,7 @@ def test_trie_rejects_a_path_that_prefixes_another() -> None:
         Trie({"a": (1, 2), "b": (1, 2, 3)})
     trie = Trie({"a": (1, 2), "b": (1, 3, 4), "c": (5, 6)})
     # (1,) is covered by (1, 3): one row fewer to run.
-    assert trie.scoring_rows() == [(5,), (1, 3)]
-
-
-def test_prefix_cache_is_lru_bounded_in_bytes() -> None:
-    def entry(n: int) -> PrefixKV:
-        return PrefixKV(tuple(range(n)), [np.zeros((1, 1, n, 4), np.float32)])
-
-    cache = PrefixCache(max_bytes=3 * 16 * 10)  # room for three 10-token entries
-    for key in "abc":
-        cache.put(key, entry(10))
-    assert cache.get("a", tuple(range(10))) is not None  # a is now most recent
-    cache.put("d", entry(10))
-    assert cache.get("b", tuple(range(10))) is None  # b was least recently used
-    assert cache.get("a", tuple(range(10))) is not None
-    assert cache.nbytes <= cache.max_bytes and len(cache) == 3
-    assert cache.get("a", (9, 9)) is None  # other tokens under the same key: no reuse
-    cache.put("huge", entry(100))  # bigger than the bound: not stored, nothing evicted
-    assert cache.get("huge", tuple(range(100))) is None and len(cache) == 3
+    assert scoring_rows(trie) == [(5,), (1, 3)]
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
@@ -403,7 +386,7 @@ def test_kv_on_device_when_the_rewritten_graph_will_not_load(
 
     monkeypatch.setattr(DecoderSession, "_bindable_session", refuse)
     session = DecoderSession(tiny_artifacts / "int8" / "model.onnx", provider="cpu", device_kv=True)
-    assert not session.device_kv and session.has_keep
+    assert not session.device_kv
     ids = np.asarray([[5, 6, 7]])
     out = session.run(
         ids, np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_past(1), keep=1

@@ -9,14 +9,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from grpc_router.engine import (
+from grpc_router.engines.arch_router.engine import (
     CPU_CHUNK_TOKENS,
     CPU_MAX_BATCH,
     ArchRouterEngine,
     ArchRouterSettings,
 )
+from grpc_router.engines.arch_router.runtime import CPU, CUDA, TRT, choose_provider
 from grpc_router.errors import ArtifactError, EngineUnavailable, InvalidArgument, Overloaded
-from grpc_router.runtime import CPU, CUDA, TRT, choose_provider
 from grpc_router.types import Decision, Engine, Message, Role, RouteSpec
 
 ROUTES = [
@@ -114,7 +114,7 @@ def test_config_turns_scores_off_and_other_route_sets(tiny_artifacts: Path) -> N
             two = [RouteSpec("a_route", "first"), RouteSpec("b_route", "second")]
             d2 = await engine.decide(CONVERSATIONS[1], two)
             assert d2.route in {"a_route", "b_route", "other"}
-            assert len(engine.prefix_cache) == 2  # one prefix per route set
+            assert engine.prefix_cache.kinds()["route_set"] == 2  # one block per route set
         finally:
             await engine.close()
 
@@ -244,8 +244,8 @@ def test_kv_on_device_decides_like_the_host_path(tiny_artifacts: Path, variant: 
             batched = await asyncio.gather(*(device.decide(c, ROUTES) for c in CONVERSATIONS))
             assert device._batcher.largest_batch > 1
             assert device._session is not None and device._session.device_kv  # no fallback
-            cached = next(iter(device.prefix_cache._items.values())).past[0]
-            assert not isinstance(cached, np.ndarray)  # the prefix KV stays on the device too
+            blocks = [e for e in device.prefix_cache._lru.values() if e.kind == "route_set"]
+            assert not isinstance(blocks[0].past[0], np.ndarray)  # a block stays on the device
             tol = 1e-4 if variant == "int8" else 1e-3  # int8: only pad-free tiling moves bits
             for ref, a, b in zip(reference, alone, batched, strict=True):
                 for d in (a, b):
@@ -255,5 +255,80 @@ def test_kv_on_device_decides_like_the_host_path(tiny_artifacts: Path, variant: 
         finally:
             await host.close()
             await device.close()
+
+    asyncio.run(run())
+
+
+def _follow_ups(seed: int, sessions: int, turns: int) -> list[tuple[int, list[Message]]]:
+    """Interleaved multi-turn conversations: (session, conversation so far) per call, every
+    call adding a user turn of random length to its own session."""
+    import random
+
+    rng = random.Random(seed)
+    words = [
+        "bus",
+        "ticket",
+        "rain",
+        "Oslo",
+        "sort",
+        "Rust",
+        "transfer",
+        "savings",
+        "Fresno",
+        "weather",
+        "code",
+    ]
+    convs: list[list[Message]] = [[] for _ in range(sessions)]
+    calls: list[tuple[int, list[Message]]] = []
+    for _ in range(turns):
+        for k in rng.sample(range(sessions), sessions):
+            if convs[k]:
+                convs[k].append(Message(Role.ASSISTANT, " ".join(rng.choices(words, k=3))))
+            text = " ".join(rng.choices(words, k=rng.randint(1, 12)))
+            convs[k].append(Message(Role.USER, text))
+            calls.append((k, list(convs[k])))
+    return calls
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_follow_up_turns_reuse_the_conversation_and_decide_bit_identically(
+    tiny_artifacts: Path, variant: str
+) -> None:
+    """Exact variants: a follow-up turn prefills only what is new (cut wherever the previous
+    turn's prompt diverges), sessions interleaved, with evictions under a tight budget; every
+    decision equals a cold prefill's, bit for bit."""
+
+    async def run() -> None:
+        cold = _engine(tiny_artifacts, variant, prefix_cache_bytes=0, warmup=False)
+        warm = _engine(tiny_artifacts, variant, warmup=False)
+        tight = _engine(tiny_artifacts, variant, warmup=False, prefix_cache_bytes=1)
+        for e in (cold, warm, tight):
+            await e.start()
+        try:
+            session, prompts = warm._session, warm._prompts
+            assert session is not None and prompts is not None
+            calls = _follow_ups(seed=3, sessions=4, turns=4)
+            longest = max(len(prompts.build(c, ROUTES, 2048).ids) for _, c in calls)
+            # room for about three prompts: the budget forces evictions
+            tight.prefix_cache.max_bytes = 3 * longest * session.token_bytes()
+            reused_more = 0
+            for k, conversation in calls:
+                ref = await cold.decide(conversation, ROUTES)
+                got = await warm.decide(conversation, ROUTES)
+                squeezed = await tight.decide(conversation, ROUTES)
+                assert _same(ref, got) and _same(ref, squeezed), k
+                assert ref.cached_tokens == 0
+                block = len(prompts.route_prefix(ROUTES).ids)
+                if len(conversation) > 1:
+                    # the previous turn's prompt is kept: more than the route set's block
+                    assert got.cached_tokens > block
+                    reused_more += 1
+            assert reused_more == len(calls) - 4
+            assert tight.prefix_cache.evictions > 0
+            assert tight.prefix_cache.nbytes <= tight.prefix_cache.max_bytes
+            assert warm.prefix_cache.kinds()["conversation"] == len(calls)
+        finally:
+            for e in (cold, warm, tight):
+                await e.close()
 
     asyncio.run(run())

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import AutoTokenizer
 
-from grpc_router.errors import InvalidArgument
-from grpc_router.prompt import (
+from grpc_router.engines.arch_router.prompt import (
     OUTPUT_PREFIX,
     PromptBuilder,
     answer_names,
     conversation_dicts,
     user_prompt,
 )
+from grpc_router.errors import InvalidArgument
 from grpc_router.types import Message, Role, RouteSpec
 
 ROUTES = [
@@ -37,6 +38,12 @@ CONVERSATIONS = [
     ],
     [Message(Role.USER, "   "), Message(Role.ASSISTANT, "x"), Message(Role.USER, "weather?")],
 ]
+# The prompt contract (from Arch-Router-1.5B's model card) as fixed examples; see its "about".
+CONTRACT: dict[str, Any] = json.loads(
+    (
+        Path(__file__).resolve().parents[1] / "fixtures" / "data" / "arch_router_prompt.json"
+    ).read_text(encoding="utf-8")
+)
 
 
 def _reference(tokenizer_dir: Path, messages: list[Message]) -> tuple[str, list[int]]:
@@ -78,21 +85,48 @@ def test_text_and_ids_equal_transformers(tokenizer_dir: Path, case: int) -> None
     assert prompt.dropped_turns == 0 and not prompt.truncated
 
 
-def test_prompt_matches_prompt_md_byte_for_byte() -> None:
-    """The assembled user message against the text blocks of ../shared/arch-router/PROMPT.md."""
-    md = Path(__file__).resolve().parents[3] / "shared" / "arch-router" / "PROMPT.md"
-    if not md.is_file():
-        pytest.skip(f"{md} missing")
-    blocks = md.read_text(encoding="utf-8").split("```\n")
-    task, fmt = blocks[1], blocks[3]
-    # The constants start with a newline; `\n` in the blocks is a literal escape.
-    task = "\n" + task.replace("\\n", "\n")
-    fmt = "\n" + fmt
-    conversation = [{"role": "user", "content": "hi ü"}]
-    routes = json.dumps([{"name": r.name, "description": r.description} for r in ROUTES])
-    expected = task.format(routes=routes, conversation=json.dumps(conversation)) + fmt
-    assert user_prompt(ROUTES, conversation) == expected
-    assert "\\u00fc" in expected  # json.dumps defaults: ensure_ascii
+def _text(lines: list[str]) -> str:
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("case", range(len(CONTRACT["cases"])))
+def test_user_prompt_matches_the_contract_byte_for_byte(case: int) -> None:
+    """The assembled user message against tests/fixtures/data/arch_router_prompt.json."""
+    fixture = CONTRACT["cases"][case]
+    routes = [RouteSpec(r["name"], r["description"]) for r in fixture["routes"]]
+    conversation = conversation_dicts(
+        [Message(Role(m["role"]), m["content"]) for m in fixture["messages"]]
+    )
+    assert conversation == fixture["conversation"]
+    expected = _text(fixture["user_prompt"])
+    # The fixture agrees with its own template text, filled as the model card says.
+    filled = _text(CONTRACT["task_instruction"]).format(
+        routes=json.dumps(fixture["routes"]), conversation=json.dumps(conversation)
+    )
+    assert expected == filled + _text(CONTRACT["format_prompt"])
+    assert user_prompt(routes, conversation) == expected
+    assert expected.isascii()  # json.dumps defaults: ensure_ascii
+
+
+def test_contract_keeps_its_odd_spacing() -> None:
+    """The trained prompt's quirks that an editor or a linter would "fix" in the fixture."""
+    fmt = _text(CONTRACT["format_prompt"])
+    assert "XML tags.  Follow" in fmt
+    assert "user latest intent. \n" in fmt and '{"route": "route_name"} \n' in fmt
+    task = _text(CONTRACT["task_instruction"])
+    assert task.startswith("\nYou are") and "<routes>\n\n{routes}\n\n</routes>" in task
+
+
+def test_qwen_chat_rendering_matches_the_contract(qwen_tokenizer_dir: Path) -> None:
+    """The whole prompt under Qwen2.5's own chat template (default system prompt, generation
+    prompt), then the answer prefix."""
+    builder = PromptBuilder.from_dir(qwen_tokenizer_dir)
+    cases = [c for c in CONTRACT["cases"] if "qwen2_5_chat" in c]
+    assert cases
+    for fixture in cases:
+        routes = [RouteSpec(r["name"], r["description"]) for r in fixture["routes"]]
+        rendered = builder.render(routes, fixture["conversation"])
+        assert rendered == _text(fixture["qwen2_5_chat"]) + OUTPUT_PREFIX
 
 
 def test_dropped_messages() -> None:

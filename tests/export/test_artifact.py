@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from export.manifest import ArtifactBuilder, recover_leftovers
-from grpc_router.artifact import (
+from grpc_router.engines.artifact import (
     Manifest,
     list_variants,
     load_artifact,

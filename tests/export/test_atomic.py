@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export.fixtures import repo_root
-from grpc_router.artifact import list_variants, load_artifact
+from grpc_router.engines.artifact import list_variants, load_artifact
 from tests.fixtures.models import TINY_VARIANTS, run_export
+from tests.fixtures.paths import repo_root
 
 
 def test_sigkill_mid_export_keeps_the_old_artifact(

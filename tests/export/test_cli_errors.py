@@ -77,7 +77,7 @@ def test_make_export_passes_its_variables_to_the_cli() -> None:
     import shutil
     import subprocess
 
-    from export.fixtures import repo_root
+    from tests.fixtures.paths import repo_root
 
     if shutil.which("make") is None:
         pytest.skip("make is not installed")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from export.prompt import ROUTING_CASES, chat_messages
+from export.routing_cases import ROUTING_CASES
+from tests.fixtures.paths import QWEN_TOKENIZER_ENV
 
 
 def test_tiny_checkpoint_is_qwen2_with_chatml_bpe(tiny_checkpoint: Path) -> None:
@@ -27,7 +28,7 @@ def test_tiny_checkpoint_is_qwen2_with_chatml_bpe(tiny_checkpoint: Path) -> None
         assert tokenizer.decode(tokenizer.encode(text)) == text
     case = ROUTING_CASES[0]
     rendered = tokenizer.apply_chat_template(
-        chat_messages(case.routes, case.conversation), add_generation_prompt=True, tokenize=False
+        case.chat_messages(), add_generation_prompt=True, tokenize=False
     )
     assert rendered.startswith("<|im_start|>system\nYou are Qwen")
     assert rendered.endswith("<|im_start|>assistant\n")
@@ -54,9 +55,9 @@ def test_bpe_tokenizer_without_shared_uses_the_same_chatml(
 ) -> None:
     from jinja2 import Template
 
-    from export.fixtures import CHATML_FALLBACK, _write_bpe_tokenizer
+    from tests.fixtures.checkpoints import CHATML_FALLBACK, _write_bpe_tokenizer
 
-    monkeypatch.setenv("GRPC_ROUTER_SHARED", str(tmp_path / "absent"))
+    monkeypatch.setenv(QWEN_TOKENIZER_ENV, str(tmp_path / "absent"))
     _write_bpe_tokenizer(tmp_path)
     saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert saved["chat_template"] == CHATML_FALLBACK

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from export.fixtures import ARCH_ROUTER_CONFIG, ensure_full_shape_artifact
-from grpc_router.artifact import load_artifact, resolve_variant_dir
+from grpc_router.engines.artifact import load_artifact, resolve_variant_dir
+from tests.fixtures.checkpoints import ARCH_ROUTER_CONFIG, ensure_full_shape_artifact
 
 
 @pytest.mark.slow

@@ -10,19 +10,15 @@ import numpy as np
 import onnx
 import pytest
 
-from export.decoder import QuantSettings, build_variant
-from export.fuse import (
-    ATTENTION_META,
-    FUSED,
-    FUSED_ROTARY,
-    attention_kind,
-    fuse_attention_file,
-)
-from grpc_router.artifact import read_manifest
-from grpc_router.decoder import Trie, packed_trie_logits, prompt_rows
-from grpc_router.prompt import PromptBuilder
-from grpc_router.runtime import DecoderSession
-from tests.engine.test_decoder import MESSAGES, ROUTES
+from export.decoder_variants import QuantSettings, build_variant
+from export.fuse import FUSED_ROTARY, attention_kind, fuse_attention_file
+from grpc_router.engines.arch_router.graph import ATTENTION_META, FUSED_ATTENTION
+from grpc_router.engines.arch_router.prefill import prompt_rows
+from grpc_router.engines.arch_router.prompt import PromptBuilder
+from grpc_router.engines.arch_router.runtime import DecoderSession
+from grpc_router.engines.arch_router.trie import Trie
+from grpc_router.engines.artifact import read_manifest
+from tests.engine.test_decoder import MESSAGES, ROUTES, packed_trie_logits
 
 
 def _ops(path: Path) -> list[str]:
@@ -44,15 +40,15 @@ def test_the_int8_variant_ships_fused_and_the_others_do_not(tiny_artifacts: Path
     config = json.loads((tiny_artifacts / "int8" / "config.json").read_text())
     ops = _ops(tiny_artifacts / "int8" / "model.onnx")
     # Every layer but the last, whose queries are cut to the kept rows (streamline).
-    assert ops.count(FUSED) == config["num_hidden_layers"] - 1
+    assert ops.count(FUSED_ATTENTION) == config["num_hidden_layers"] - 1
     assert read_manifest(tiny_artifacts / "int8").extra["attention"] == FUSED_ROTARY
     graph = onnx.load(str(tiny_artifacts / "int8" / "model.onnx"), load_external_data=False).graph
-    fused = [n for n in graph.node if n.op_type == FUSED]
+    fused = [n for n in graph.node if n.op_type == FUSED_ATTENTION]
     # The node rotates q and k itself, from position_ids, reading the projections directly.
     assert all(("do_rotary", 1) in {(a.name, a.i) for a in n.attribute} for n in fused)
     assert all(n.input[9] == "position_ids" for n in fused)
     for variant in ("int4", "fp16", "fp32"):
-        assert FUSED not in _ops(tiny_artifacts / variant / "model.onnx")
+        assert FUSED_ATTENTION not in _ops(tiny_artifacts / variant / "model.onnx")
         assert read_manifest(tiny_artifacts / variant).extra["attention"] == "plain operators"
     assert DecoderSession(tiny_artifacts / "int8" / "model.onnx").one_row_prefill
     assert not DecoderSession(tiny_artifacts / "int4" / "model.onnx").one_row_prefill
@@ -105,6 +101,6 @@ def test_plain_attention_is_kept_when_asked(tiny_artifacts: Path, tmp_path: Path
     config = json.loads((tiny_artifacts / "fp32" / "config.json").read_text())
     fp32 = tiny_artifacts / "fp32" / "model.onnx"
     plain = build_variant("int8", fp32, tmp_path, QuantSettings(fused_attention=False), config)
-    assert FUSED not in _ops(plain) and attention_kind(plain) == "plain operators"
+    assert FUSED_ATTENTION not in _ops(plain) and attention_kind(plain) == "plain operators"
     meta = {p.key: p.value for p in onnx.load(str(plain), load_external_data=False).metadata_props}
     assert ATTENTION_META not in meta

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.parity import DecoderSession
-from grpc_router.artifact import load_artifact
+from export.parity import GraphRunner
+from grpc_router.engines.artifact import load_artifact
 
 
 def test_fp32_graph_matches_pytorch(tiny_checkpoint: Path, tiny_artifacts: Path) -> None:
@@ -26,7 +26,7 @@ def test_fp32_graph_matches_pytorch(tiny_checkpoint: Path, tiny_artifacts: Path)
             attention_mask=torch.tensor(mask),
             position_ids=torch.tensor(positions),
         ).logits.numpy()
-    got, _ = DecoderSession(tiny_artifacts / "fp32" / "model.onnx").run(ids, mask, positions)
+    got, _ = GraphRunner(tiny_artifacts / "fp32" / "model.onnx").run(ids, mask, positions)
     assert np.max(np.abs(got[0] - expected[0])) < 1e-4
     assert np.max(np.abs(got[1, :29] - expected[1, :29])) < 1e-4
     # The export-time report recorded the same order of agreement on the routing prompts.
@@ -51,9 +51,7 @@ def test_variant_parity_is_reported(tiny_artifacts: Path, variant: str) -> None:
     assert "gate" in parity
 
 
-def _last_logits_four_ways(
-    session: DecoderSession, a: np.ndarray, b: np.ndarray
-) -> list[np.ndarray]:
+def _last_logits_four_ways(session: GraphRunner, a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
     """Request `a`'s next-token logits computed alone, after a cached prefix, right-padded,
     and batched (right-padded) with request `b`."""
     n, m = len(a), len(b)
@@ -78,7 +76,7 @@ def test_logits_do_not_depend_on_what_shares_the_call(tiny_artifacts: Path, vari
     cached prefix, padded and batched; one it does not call exact stays within 1e-5."""
     manifest = load_artifact(tiny_artifacts / variant)
     exact = manifest.quantization["exact"]
-    session = DecoderSession(tiny_artifacts / variant / manifest.model_file)
+    session = GraphRunner(tiny_artifacts / variant / manifest.model_file)
     rng = np.random.default_rng(3)
     vocab = manifest.extra["vocab_size"]
     worst = 0.0

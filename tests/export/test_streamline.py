@@ -11,14 +11,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.decoder import export_fp32
-from export.parity import DecoderSession
-from export.streamline import KEEP_INPUT, VERSION, streamline, streamline_file
-from grpc_router.runtime import KEEP_META
+from export.decoder_variants import export_fp32
+from export.parity import GraphRunner
+from export.streamline import VERSION, streamline, streamline_file
+from grpc_router.engines.arch_router.graph import KEEP_INPUT, KEEP_META
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    return DecoderSession(path).session
+    return GraphRunner(path).session
 
 
 def _feed(session: ort.InferenceSession, ids: np.ndarray, mask: np.ndarray) -> dict[str, object]:

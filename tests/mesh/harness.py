@@ -21,7 +21,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from prometheus_client import REGISTRY
 
-from grpc_router.extproc import ExtProcSettings, RouterLike, register_ext_proc
+from grpc_router.core.router import Router
+from grpc_router.serving.extproc import register_ext_proc
+from grpc_router.settings import ExtProcSettings
 
 T = TypeVar("T")
 
@@ -61,7 +63,7 @@ class LoopThread:
 
 
 async def start_ext_proc_server(
-    router: RouterLike, settings: ExtProcSettings
+    router: Router, settings: ExtProcSettings
 ) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server on a free loopback port serving only ext_proc."""
     server = grpc.aio.server()

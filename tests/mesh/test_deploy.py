@@ -28,10 +28,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
-from grpc_router.config import AppConfig, parse_config
-from grpc_router.extproc import SERVICE_NAME
+from grpc_router.serving.extproc import SERVICE_NAME
+from grpc_router.settings import AppConfig, parse_config
+from grpc_router.v1 import router_pb2
 from tests.mesh.envoy_schema import parse, parse_yaml, rule_violations, typed_configs
 
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ENVOY_YAML = DEPLOY / "envoy" / "envoy.yaml"
 K8S = DEPLOY / "kubernetes"
@@ -77,10 +79,12 @@ def bootstrap() -> bootstrap_pb2.Bootstrap:
     return parse_yaml(ENVOY_YAML, bootstrap_pb2.Bootstrap())
 
 
-def _hcm(bootstrap: bootstrap_pb2.Bootstrap) -> hcm_pb2.HttpConnectionManager:
+def _hcm(
+    bootstrap: bootstrap_pb2.Bootstrap, listener: str = "llm_ingress"
+) -> hcm_pb2.HttpConnectionManager:
     hcm = hcm_pb2.HttpConnectionManager()
-    [listener] = bootstrap.static_resources.listeners
-    assert listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    [found] = [x for x in bootstrap.static_resources.listeners if x.name == listener]
+    assert found.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     return hcm
 
 
@@ -194,6 +198,79 @@ def test_envoy_routes_pick_clusters_by_the_routers_model_keys(
     assert not hcm.route_config.virtual_hosts[0].routes[-1].match.headers
 
 
+def _router_cluster_options(
+    bootstrap: bootstrap_pb2.Bootstrap,
+) -> tuple[cluster_pb2.Cluster, http_protocol_options_pb2.HttpProtocolOptions]:
+    ext_proc = _ext_proc(_hcm(bootstrap).http_filters)
+    clusters = {c.name: c for c in bootstrap.static_resources.clusters}
+    cluster = clusters[ext_proc.grpc_service.envoy_grpc.cluster_name]
+    options = http_protocol_options_pb2.HttpProtocolOptions()
+    [options_any] = cluster.typed_extension_protocol_options.values()
+    assert options_any.Unpack(options)
+    return cluster, options
+
+
+def test_envoy_hashes_a_session_onto_one_router_replica(
+    bootstrap: bootstrap_pb2.Bootstrap, router_config: AppConfig
+) -> None:
+    header = router_config.ext_proc.session_header
+    assert header == "x-session-id"
+    cluster, options = _router_cluster_options(bootstrap)
+    assert cluster.lb_policy == cluster_pb2.Cluster.RING_HASH
+
+    # gRPC API callers: the route in front of the router cluster hashes on the session header.
+    api = _hcm(bootstrap, "router_api")
+    assert [f.name for f in api.http_filters] == ["envoy.filters.http.router"]  # no ext_proc
+    [host] = api.route_config.virtual_hosts
+    [route] = host.routes
+    assert route.match.prefix == f"/{ROUTER_SERVICE}/"
+    assert route.match.HasField("grpc")
+    assert route.route.cluster == cluster.name
+    assert [p.header.header_name for p in route.route.hash_policy] == [header]
+
+    # ext_proc streams have no route: the filter copies the header into the stream's metadata
+    # and the cluster's own hash_policy hashes it.
+    ext_proc = _ext_proc(_hcm(bootstrap).http_filters)
+    metadata = {m.key: m.value for m in ext_proc.grpc_service.initial_metadata}
+    assert metadata == {header: f"%REQ({header})%"}
+    assert [p.header.header_name for p in options.hash_policy] == [header]
+
+
+def test_envoy_resolves_every_router_replica(
+    bootstrap: bootstrap_pb2.Bootstrap, router_config: AppConfig
+) -> None:
+    cluster, _ = _router_cluster_options(bootstrap)
+    # A ClusterIP would be one address: ring hashing needs the pods, from a headless Service.
+    assert cluster.type == cluster_pb2.Cluster.STRICT_DNS
+    address = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    name, namespace, *rest = address.address.split(".")
+    assert rest == ["svc", "cluster", "local"]
+    service = _find("Service", name)
+    assert service["metadata"]["namespace"] == namespace
+    assert service["spec"]["clusterIP"] == "None"
+    deployment = _find("Deployment", "grpc-router-gpu")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    [port] = service["spec"]["ports"]
+    assert port["port"] == address.port_value == router_config.server.port
+
+
+def test_the_validator_catches_typos_in_the_hashing() -> None:
+    good = yaml.safe_load(ENVOY_YAML.read_text())
+    bad_policy = copy.deepcopy(good)
+    bad_policy["static_resources"]["clusters"][0]["lb_policy"] = "RING_HAS"
+    with pytest.raises(json_format.ParseError, match="RING_HAS"):
+        parse(bad_policy, bootstrap_pb2.Bootstrap())
+
+    bad_route = copy.deepcopy(good)
+    [api] = [x for x in bad_route["static_resources"]["listeners"] if x["name"] == "router_api"]
+    route = api["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    route["virtual_hosts"][0]["routes"][0]["route"]["hash_policy"] = [
+        {"header": {"header_nme": "x-session-id"}}
+    ]
+    with pytest.raises(json_format.ParseError, match="header_nme"):
+        parse(bad_route, bootstrap_pb2.Bootstrap())
+
+
 # -- Kubernetes ---------------------------------------------------------------------------------
 
 
@@ -302,3 +379,28 @@ def test_virtualservice_routes_on_the_routers_model_keys(router_config: AppConfi
                 keys.add(rule["exact"])
     assert keys and keys <= set(router_config.models)
     assert "match" not in service["spec"]["http"][-1]  # the default catches pass-throughs
+
+
+def test_destination_rule_hashes_the_router_service_by_session(router_config: AppConfig) -> None:
+    service = _find("Service", "grpc-router-gpu")
+    meta = service["metadata"]
+    rule = _find("DestinationRule", "grpc-router-gpu-sessions")
+    assert rule["metadata"]["namespace"] == meta["namespace"]
+    assert rule["spec"]["host"] == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    hashing = rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"]
+    assert hashing == {"httpHeaderName": router_config.ext_proc.session_header}
+    # Both router configs read the session from the header the mesh hashes on.
+    assert {c.ext_proc.session_header for c in _router_configs().values()} == {"x-session-id"}
+    # Istio's L7 load balancing needs the port to be known as gRPC (or HTTP/2).
+    assert [p["appProtocol"] for p in service["spec"]["ports"]] == ["grpc"]
+
+    assert _istio_round_trip(rule) == rule
+    misspelt = copy.deepcopy(rule)
+    misspelt["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"] = {
+        "httpHeaderNam": "x-session-id"
+    }
+    assert _istio_round_trip(misspelt) != misspelt
+    misplaced = copy.deepcopy(rule)
+    balancer = misplaced["spec"]["trafficPolicy"]["loadBalancer"]
+    balancer["consistentHsh"] = balancer.pop("consistentHash")
+    assert _istio_round_trip(misplaced) != misplaced

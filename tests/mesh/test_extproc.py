@@ -14,13 +14,20 @@ import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from grpc_router.artifact import read_manifest
-from grpc_router.config import AppConfig, parse_config
-from grpc_router.core import Router
-from grpc_router.engine import ArchRouterEngine, ArchRouterSettings
+from grpc_router.core.router import Router
+from grpc_router.engines.arch_router.engine import ArchRouterEngine
+from grpc_router.engines.artifact import read_manifest
 from grpc_router.errors import RouterError
-from grpc_router.extproc import ExtProcSettings
-from grpc_router.types import Message, Role, RouteOutcome, RouteRequest
+from grpc_router.settings import AppConfig, ArchRouterSettings, ExtProcSettings, parse_config
+from grpc_router.types import (
+    DecisionSource,
+    Message,
+    MessageKind,
+    Role,
+    RouteOutcome,
+    RouteRequest,
+    SessionStatus,
+)
 from tests.mesh.harness import (
     LoopThread,
     ProcessStream,
@@ -36,12 +43,13 @@ from tests.mesh.harness import (
 VARIANT = "int4"  # weight-only: exact, and the default CPU variant
 OPENAI = "/v1/chat/completions"
 ANTHROPIC = "/v1/messages"
+RESPONSES = "/v1/responses"
 PASS = "grpc_router_extproc_pass_through_total"
 FAILURES = "grpc_router_extproc_failures_total"
 REQUESTS = "grpc_router_extproc_requests_total"
 
 
-def router_config(*, fail_open: bool = True) -> AppConfig:
+def router_config(*, fail_open: bool = True, **sections: Any) -> AppConfig:
     data = {
         "routes": [
             {
@@ -69,6 +77,7 @@ def router_config(*, fail_open: bool = True) -> AppConfig:
         "default_route": "general_chat",
         "default_model": "local_general",
         "routing": {"fail_open": fail_open, "engine_timeout_s": 30},
+        **sections,
     }
     return parse_config(data, Path("test-config.yaml"))
 
@@ -469,12 +478,14 @@ def test_engine_failure_fail_closed(
 
 
 def test_a_slow_engine_hits_the_route_timeout(mesh: Mesh, router: Router) -> None:
-    # The real engine cannot answer within a microsecond (its batcher alone waits longer).
+    # The real engine cannot answer within a microsecond (its batcher alone waits longer). The
+    # conversation is one no other test routes, so the router's decision cache cannot answer.
     channel = mesh.serve(router, failure_mode="closed", route_timeout_s=1e-6)
     before = metric(FAILURES, reason="engine_timeout", failure_mode="closed")
     stream = ProcessStream(channel)
     stream.send(http_headers(OPENAI))
-    response = stream.send(http_body(chat_body()))
+    body = chat_body("Only the timeout test asks this: how slow is a slow engine?")
+    response = stream.send(http_body(body))
     stream.finish()
     assert response.immediate_response.status.code == 503
     assert json.loads(response.immediate_response.body)["error"]["code"] == "engine_timeout"
@@ -522,3 +533,258 @@ def test_long_agent_conversations_are_fitted_to_the_routers_limits(
     stream.finish()
     assert common.clear_route_cache and "x-router-model" in header_mutations(common)
     assert metric(REQUESTS, outcome="failed") == failed
+
+
+def test_agent_runs_keep_the_latest_user_turn_when_tool_traffic_overflows(
+    mesh: Mesh, router: Router, channel: grpc.Channel
+) -> None:
+    """An agent asks once and then calls tools for longer than `max_messages`: the user's turn
+    (what the router routes on) must survive the fitting, with the latest tool traffic."""
+    limits = router.config.limits
+    system = {"role": "system", "content": "You are a coding agent."}
+    ask = {"role": "user", "content": "Fix the failing SQL query in reports.py."}
+    steps: list[dict[str, Any]] = []
+    for i in range(limits.max_messages):
+        call = {"id": f"c{i}", "type": "function", "function": {"name": "run_tests"}}
+        steps.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        steps.append({"role": "tool", "tool_call_id": f"c{i}", "content": f"{i} failures"})
+    body = {"model": "auto", "messages": [system, ask, *steps]}
+    room = limits.max_messages - 1  # the system turn leads
+    tail = room // 2
+    kept_steps = [
+        Message(Role.ASSISTANT, "run_tests(...)", MessageKind.TOOL_CALL)
+        if s["role"] == "assistant"
+        else Message(Role.TOOL, s["content"], MessageKind.TOOL_RESULT)
+        for s in steps[len(steps) - tail :]
+    ]
+    expected = mesh.route(
+        router,
+        (
+            Message(Role.SYSTEM, system["content"]),
+            Message(Role.USER, ask["content"]),
+            *kept_steps,
+        ),
+    )
+    failed = metric(REQUESTS, outcome="failed")
+    stream = ProcessStream(channel)
+    stream.send(http_headers(OPENAI))
+    common = stream.send(http_body(body)).request_body.response
+    stream.finish()
+    assert_routed_headers(header_mutations(common), expected)
+    assert metric(REQUESTS, outcome="failed") == failed
+
+
+# -- OpenAI Responses API -------------------------------------------------------------------
+
+
+def responses_body(
+    text: str = "Write a SQL query that joins orders and customers.",
+) -> dict[str, Any]:
+    return {
+        "model": "auto",
+        "instructions": "You are a helpful assistant.",
+        "stream": True,
+        "tools": [{"type": "function", "name": "run_sql", "parameters": {"type": "object"}}],
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": text},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+                ],
+            },
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call", "call_id": "c1", "name": "run_sql", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "ERROR: no column id"},
+        ],
+    }
+
+
+def responses_messages(
+    text: str = "Write a SQL query that joins orders and customers.",
+) -> tuple[Message, ...]:
+    return (
+        Message(Role.SYSTEM, "You are a helpful assistant."),
+        Message(Role.USER, text),
+        Message(Role.ASSISTANT, "run_sql(...)", MessageKind.TOOL_CALL),
+        Message(Role.TOOL, "ERROR: no column id", MessageKind.TOOL_RESULT),
+    )
+
+
+def test_responses_api_calls_are_routed(mesh: Mesh, router: Router, channel: grpc.Channel) -> None:
+    expected = mesh.route(router, responses_messages())
+    before = metric(REQUESTS, outcome="routed")
+    stream = ProcessStream(channel)
+    assert_untouched(stream.send(http_headers(RESPONSES + "?stream=true")), "request_headers")
+    response = stream.send(http_body(responses_body()))
+    common = response.request_body.response
+    assert common.clear_route_cache
+    assert not common.HasField("body_mutation")
+    assert_routed_headers(header_mutations(common), expected)
+    for phase, request in response_phases():
+        assert_untouched(stream.send(request), phase)
+    stream.finish()
+    assert metric(REQUESTS, outcome="routed") == before + 1
+
+
+def test_responses_api_body_rewrite(mesh: Mesh, router: Router) -> None:
+    channel = mesh.serve(router, rewrite_model=True)
+    text = "Traduis « bonjour » en japonais, s'il te plaît."
+    expected = mesh.route(router, responses_messages(text))
+    original = responses_body(text)
+    stream = ProcessStream(channel)
+    stream.send(http_headers(RESPONSES))
+    common = stream.send(http_body(original)).request_body.response
+    stream.finish()
+    rewritten = json.loads(common.body_mutation.body)
+    assert rewritten["model"] == router.config.models[expected.model].model != original["model"]
+    assert {k: v for k, v in rewritten.items() if k != "model"} == {
+        k: v for k, v in original.items() if k != "model"
+    }
+    assert header_mutations(common)["content-length"] == str(len(common.body_mutation.body))
+
+
+def test_responses_paths_are_configurable(mesh: Mesh, router: Router) -> None:
+    channel = mesh.serve(router, responses_paths=("/openai/v1/responses",))
+    before = metric(PASS, reason="not_chat")
+    stream = ProcessStream(channel)
+    stream.send(http_headers(RESPONSES))  # no longer a configured path
+    stream.finish()
+    assert metric(PASS, reason="not_chat") == before + 1
+    stream = ProcessStream(channel)
+    stream.send(http_headers("/openai/v1/responses"))
+    common = stream.send(http_body(responses_body())).request_body.response
+    stream.finish()
+    assert "x-router-model" in header_mutations(common)
+
+
+def test_a_responses_tool_step_without_user_text_passes_through(channel: grpc.Channel) -> None:
+    # previous_response_id carries the conversation server-side: only the tool output is sent.
+    body = {
+        "model": "auto",
+        "previous_response_id": "resp_1",
+        "input": [{"type": "function_call_output", "call_id": "c1", "output": "42"}],
+    }
+    before = metric(PASS, reason="invalid_chat")
+    stream = ProcessStream(channel)
+    stream.send(http_headers(RESPONSES))
+    assert_untouched(stream.send(http_body(body)), "request_body")
+    stream.finish()
+    assert metric(PASS, reason="invalid_chat") == before + 1
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+
+class RecordingRouter(Router):
+    """The real router core; it only keeps what each call asked and got."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[tuple[RouteRequest, RouteOutcome]] = []
+
+    async def route(self, request: RouteRequest, **kwargs: Any) -> RouteOutcome:
+        outcome = await super().route(request, **kwargs)
+        self.calls.append((request, outcome))
+        return outcome
+
+
+def _session_call(
+    channel: grpc.Channel, body: dict[str, Any], session: str | None, path: str = OPENAI
+) -> pb.ProcessingResponse:
+    extra = {"x-session-id": session} if session is not None else None
+    stream = ProcessStream(channel)
+    stream.send(http_headers(path, extra=extra))
+    response = stream.send(http_body(body))
+    stream.finish()
+    return response
+
+
+def test_the_session_header_is_passed_to_the_router(mesh: Mesh, engine: ArchRouterEngine) -> None:
+    router = RecordingRouter(router_config(), engine)
+    channel = mesh.serve(router)
+    _session_call(channel, chat_body(), "agent-run-7")
+    _session_call(channel, responses_body(), "agent-run-8", path=RESPONSES)
+    _session_call(channel, chat_body(), None)
+    _session_call(channel, chat_body(), "")
+    assert [request.session_id for request, _ in router.calls] == [
+        "agent-run-7",
+        "agent-run-8",
+        "",
+        "",
+    ]
+    # A custom header name is read instead.
+    router.calls.clear()
+    channel = mesh.serve(router, session_header="x-agent-run")
+    stream = ProcessStream(channel)
+    stream.send(http_headers(OPENAI, extra={"x-session-id": "ignored", "x-agent-run": "r-1"}))
+    stream.send(http_body(chat_body()))
+    stream.finish()
+    assert [request.session_id for request, _ in router.calls] == ["r-1"]
+
+
+def test_a_session_is_continued_and_its_tool_steps_answered_from_it(
+    mesh: Mesh, engine: ArchRouterEngine
+) -> None:
+    router = RecordingRouter(router_config(session={"policy": "pin"}), engine)
+    channel = mesh.serve(router)
+    first = header_mutations(_session_call(channel, chat_body(), "run-1").request_body.response)
+    assert router.calls[-1][1].session_status is SessionStatus.NEW
+
+    # The agent's next step: the same user turn, then a tool call and its result.
+    step = chat_body()
+    step["messages"] += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c", "type": "function", "function": {"name": "run_sql"}}],
+        },
+        {"role": "tool", "tool_call_id": "c", "content": "ERROR: no column id"},
+    ]
+    second = header_mutations(_session_call(channel, step, "run-1").request_body.response)
+    outcome = router.calls[-1][1]
+    assert outcome.session_status is SessionStatus.CONTINUED
+    assert outcome.source is DecisionSource.SESSION
+    assert second["x-router-route"] == first["x-router-route"]
+    assert second["x-router-model"] == first["x-router-model"]
+
+    # A new user turn of a pinned session keeps its route.
+    step["messages"].append({"role": "user", "content": "Now translate the report to German."})
+    third = header_mutations(_session_call(channel, step, "run-1").request_body.response)
+    outcome = router.calls[-1][1]
+    assert outcome.session_status is SessionStatus.CONTINUED
+    assert third["x-router-route"] == first["x-router-route"]
+    if outcome.engine_route and outcome.engine_route != first["x-router-route"]:
+        assert outcome.pinned  # the engine preferred another route; the pin held
+
+    # Another id is another session.
+    _session_call(channel, chat_body(), "run-2")
+    assert router.calls[-1][1].session_status is SessionStatus.NEW
+
+
+_BAD_SESSION_IDS = ["has space", "x" * 129, "caf\u00e9"]
+
+
+@pytest.mark.parametrize("session", _BAD_SESSION_IDS)
+def test_an_invalid_session_id_is_invalid_input_fail_closed(
+    mesh: Mesh, router: Router, session: str
+) -> None:
+    channel = mesh.serve(router, failure_mode="closed")
+    before = metric(FAILURES, reason="invalid_argument", failure_mode="closed")
+    response = _session_call(channel, chat_body(), session)
+    assert response.WhichOneof("response") == "immediate_response"
+    reply = response.immediate_response
+    assert reply.status.code == 400
+    error = json.loads(reply.body)["error"]
+    assert error["code"] == "invalid_argument"
+    assert "session_id" in error["message"]
+    assert metric(FAILURES, reason="invalid_argument", failure_mode="closed") == before + 1
+
+
+def test_an_invalid_session_id_is_invalid_input_fail_open(
+    router: Router, channel: grpc.Channel
+) -> None:
+    before = metric(FAILURES, reason="invalid_argument", failure_mode="open")
+    response = _session_call(channel, chat_body(), "two words")
+    assert_untouched(response, "request_body")  # unrouted: Envoy's default route
+    assert metric(FAILURES, reason="invalid_argument", failure_mode="open") == before + 1

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import importlib
     from importlib import metadata
 
-    # The server's own imports first, as in grpc_router.server.
+    # The server's own imports first, as in grpc_router.serving.server.
     from grpc_health.v1 import health_pb2
     from grpc_reflection.v1alpha import reflection_pb2
     from grpc_router.v1 import router_pb2

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from grpc_router.extproc import SERVICE_NAME
+from grpc_router.serving.extproc import SERVICE_NAME
 from tests.mesh.harness import (
     ProcessStream,
     header_mutations,

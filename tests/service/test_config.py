@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from grpc_router.config import ConfigError, load_config
+from grpc_router.settings import ConfigError, load_config
 from tests.service.conftest import REPO
 
 

@@ -1,0 +1,442 @@
+"""The router core: validate a request, ask the engine, apply policy, map the route to models.
+
+Transport-agnostic: the gRPC servicer and the Envoy ext_proc servicer both call `Router.route`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+
+from grpc_router.core.conversation import routing_view, view_key
+from grpc_router.core.decisions import DecisionCache
+from grpc_router.core.sessions import Session, SessionStore
+from grpc_router.dispatch.upstream import (
+    Completion,
+    Dispatcher,
+    GenerationParams,
+    StreamDelta,
+    StreamEnd,
+)
+from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
+from grpc_router.observability import metrics
+from grpc_router.settings import ROUTE_NAME_RE, AppConfig, ModelConfig
+from grpc_router.types import (
+    OTHER_ROUTE,
+    Decision,
+    DecisionSource,
+    Engine,
+    FallbackReason,
+    Message,
+    Role,
+    RouteOutcome,
+    RouteRequest,
+    RouteSpec,
+    SessionStatus,
+    route_set_key,
+)
+
+MAX_STOP_SEQUENCES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatched:
+    """A Dispatch call's answer: the routing outcome and the model's completion."""
+
+    outcome: RouteOutcome
+    completion: Completion
+
+
+class _EngineFailed(Exception):
+    def __init__(self, outcome: RouteOutcome) -> None:
+        super().__init__(outcome.fallback_detail)
+        self.outcome = outcome
+
+
+class Router:
+    """Holds the current config (swapped atomically on reload), the engine, the dispatcher,
+    the decision cache and the sessions."""
+
+    def __init__(
+        self, config: AppConfig, engine: Engine, dispatcher: Dispatcher | None = None
+    ) -> None:
+        self._config = config
+        self._engine = engine
+        self._dispatcher = dispatcher or Dispatcher()
+        self._decisions = DecisionCache(config.routing.decision_cache_size)
+        self._sessions = SessionStore(config.session.max_sessions, config.session.ttl_s)
+
+    @property
+    def sessions(self) -> SessionStore:
+        return self._sessions
+
+    @property
+    def config(self) -> AppConfig:
+        return self._config
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def swap_config(self, config: AppConfig) -> None:
+        """Serve `config` from the next call on. Calls in flight keep the snapshot they took.
+        The engine is not rebuilt: engine changes need a restart."""
+        self._config = config
+        self._decisions.max_entries = config.routing.decision_cache_size
+        self._sessions.resize(config.session.max_sessions, config.session.ttl_s)
+
+    async def close(self) -> None:
+        await self._dispatcher.close()
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self, request: RouteRequest, config: AppConfig | None = None) -> None:
+        """Raise InvalidArgument naming the first offending field."""
+        cfg = config or self._config
+        lim = cfg.limits
+        msgs = request.messages
+        if not msgs:
+            raise InvalidArgument("messages", "at least one message is required")
+        if len(msgs) > lim.max_messages:
+            raise InvalidArgument(
+                "messages", f"{len(msgs)} messages exceed the limit of {lim.max_messages}"
+            )
+        for i, m in enumerate(msgs):
+            if not isinstance(m.role, Role):
+                raise InvalidArgument(f"messages[{i}].role", f"unknown role {m.role!r}")
+            if len(m.content) > lim.max_content_chars:
+                raise InvalidArgument(
+                    f"messages[{i}].content",
+                    f"{len(m.content)} characters exceed the limit of {lim.max_content_chars}",
+                )
+        if not any(m.role is Role.USER and m.content.strip() for m in msgs):
+            raise InvalidArgument("messages", "at least one non-empty user message is required")
+        if request.routes is not None:
+            _validate_routes(request.routes, cfg)
+        if request.session_id:
+            _validate_session_id(request.session_id, cfg.session.max_id_chars)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    async def route(self, request: RouteRequest, *, timeout_s: float | None = None) -> RouteOutcome:
+        """Decide the route for `request`. `timeout_s` (e.g. the caller's remaining deadline)
+        caps the engine's configured timeout."""
+        cfg = self._config
+        self.validate(request, cfg)
+        routes = request.routes if request.routes is not None else cfg.route_specs()
+        view = routing_view(request.messages, cfg.routing.strip_tags)
+        route_set = route_set_key(routes)
+        key = view_key(view, route_set)
+        session, status = self._session_of(cfg, request.session_id, route_set)
+        if session is not None and session.view == key:  # no new user turn: a tool step
+            return self._held(cfg, session, routes, status, request.full_scores)
+        need_scores = request.full_scores or session is not None
+        decision = self._decisions.get(key, need_scores=need_scores)
+        source = DecisionSource.CACHE
+        engine_ms = 0.0
+        if decision is None:
+            source = DecisionSource.ENGINE
+            start = time.perf_counter()
+            try:
+                decision = await self._decide(cfg, view, routes, need_scores, timeout_s)
+            except _EngineFailed as failed:
+                return replace(failed.outcome, session_status=status)
+            engine_ms = (time.perf_counter() - start) * 1000
+            metrics.DECISION_LATENCY.labels(decision.engine or self._engine.name).observe(
+                engine_ms / 1000
+            )
+            self._decisions.put(key, decision)
+        metrics.DECISION_SOURCES.labels(source).inc()
+        answer, pinned, switched = decision, False, False
+        if request.session_id and cfg.session.policy != "off":
+            answer, pinned, switched = self._apply_session(
+                cfg, request.session_id, session, decision, route_set, key
+            )
+        outcome = self._apply_policy(cfg, answer, routes, engine_ms, held=pinned)
+        if source is DecisionSource.CACHE:  # the cached run's timings are not this call's
+            outcome = replace(outcome, timings_ms={"engine": 0.0})
+        outcome = replace(
+            outcome,
+            scores=outcome.scores if request.full_scores else {},
+            decision=decision,
+            engine_route=decision.route,
+            source=source,
+            session_status=status,
+            pinned=pinned,
+            switched=switched,
+        )
+        self._count(outcome)
+        return outcome
+
+    async def _decide(
+        self,
+        cfg: AppConfig,
+        view: tuple[Message, ...],
+        routes: Sequence[RouteSpec],
+        full_scores: bool,
+        timeout_s: float | None,
+    ) -> Decision:
+        """The engine's decision; a failure becomes `_EngineFailed` carrying the fail-open
+        outcome (or raises, fail-closed)."""
+        limit = cfg.routing.engine_timeout_s
+        if timeout_s is not None:
+            limit = min(limit, timeout_s)
+        metrics.QUEUE_DEPTH.inc()
+        try:
+            async with asyncio.timeout(limit):
+                return await self._engine.decide(view, routes, full_scores=full_scores)
+        except InvalidArgument:
+            raise
+        except TimeoutError:
+            failed = self._failed(
+                cfg, FallbackReason.ENGINE_TIMEOUT, f"no decision in {limit:.3g}s"
+            )
+        except Overloaded as e:
+            failed = self._failed(cfg, FallbackReason.OVERLOADED, str(e) or "engine queue full", e)
+        except EngineUnavailable as e:
+            failed = self._failed(cfg, FallbackReason.ENGINE_ERROR, str(e) or "engine unavailable")
+        except Exception as e:  # a crashing engine must not take the call down when fail-open
+            failed = self._failed(cfg, FallbackReason.ENGINE_ERROR, f"{type(e).__name__}: {e}")
+        finally:
+            metrics.QUEUE_DEPTH.dec()
+        raise _EngineFailed(failed)
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def _session_of(
+        self, cfg: AppConfig, session_id: str, route_set: str
+    ) -> tuple[Session | None, SessionStatus]:
+        if not session_id or cfg.session.policy == "off":
+            return None, SessionStatus.NONE
+        self._sessions.expire_idle()
+        session, status = self._sessions.get(session_id)
+        metrics.SESSIONS.set(len(self._sessions))
+        if status is not SessionStatus.CONTINUED:
+            metrics.SESSION_EVENTS.labels(status).inc()
+        if session is not None and session.route_set != route_set:
+            return None, status  # another route set: its route means nothing here
+        return session, status
+
+    def _held(
+        self,
+        cfg: AppConfig,
+        session: Session,
+        routes: Sequence[RouteSpec],
+        status: SessionStatus,
+        full_scores: bool,
+    ) -> RouteOutcome:
+        """A call that adds no user turn: the session's route, without running the model."""
+        held = Decision(route=session.route, confidence=session.confidence, engine="")
+        metrics.DECISION_SOURCES.labels(DecisionSource.SESSION).inc()
+        outcome = replace(
+            self._apply_policy(cfg, held, routes, 0.0, held=True),
+            engine="",
+            decision=None,
+            source=DecisionSource.SESSION,
+            session_status=status,
+            pinned=True,
+        )
+        self._count(outcome)
+        return outcome
+
+    def _apply_session(
+        self,
+        cfg: AppConfig,
+        session_id: str,
+        session: Session | None,
+        decision: Decision,
+        route_set: str,
+        key: str,
+    ) -> tuple[Decision, bool, bool]:
+        """The answer under the session policy, and whether it was pinned or switched; the
+        session remembers this turn."""
+        policy = cfg.session
+        if session is None:
+            self._sessions.put(
+                session_id, Session(decision.route, decision.confidence, route_set, key)
+            )
+            return decision, False, False
+        session.view = key
+        self._sessions.put(session_id, session)
+        if decision.route == session.route:
+            session.confidence = decision.confidence
+            return decision, False, False
+        best = decision.scores.get(decision.route, decision.confidence)
+        kept = decision.scores.get(session.route, 0.0)
+        may_switch = policy.policy == "sticky" and session.switches < policy.max_switches
+        if may_switch and best - kept >= policy.switch_margin:
+            session.route, session.confidence = decision.route, best
+            session.switches += 1
+            metrics.SESSION_EVENTS.labels("switched").inc()
+            return decision, False, True
+        metrics.SESSION_EVENTS.labels("held").inc()
+        session.confidence = kept
+        return replace(decision, route=session.route, confidence=kept), True, False
+
+    def _count(self, outcome: RouteOutcome) -> None:
+        metrics.DECISIONS.labels(outcome.route).inc()
+        if outcome.fallback_reason:
+            metrics.FALLBACKS.labels(outcome.fallback_reason).inc()
+
+    def _apply_policy(
+        self,
+        cfg: AppConfig,
+        d: Decision,
+        routes: Sequence[RouteSpec],
+        engine_ms: float,
+        *,
+        held: bool = False,
+    ) -> RouteOutcome:
+        """Map an engine answer onto the configured models; `held` (a session's route) is not
+        held to the confidence threshold."""
+        names = [r.name for r in routes]
+        reason = FallbackReason.NONE
+        route = d.route
+        if d.route == OTHER_ROUTE:
+            reason = FallbackReason.OTHER
+        elif d.route not in names:
+            reason = FallbackReason.UNKNOWN_ROUTE
+        elif d.confidence < cfg.routing.threshold and not held:
+            reason = FallbackReason.BELOW_THRESHOLD
+        if reason:
+            route = cfg.default_route
+        scores: dict[str, float] = {}
+        if d.scores:
+            for name in [*names, OTHER_ROUTE]:
+                if name in d.scores:
+                    scores[name] = float(d.scores[name])
+            for name, p in d.scores.items():
+                scores.setdefault(name, float(p))
+        timings = {**d.timings_ms, "engine": engine_ms}
+        return RouteOutcome(
+            route=route,
+            model=cfg.model_chain(route)[0],
+            confidence=float(d.confidence),
+            scores=scores,
+            engine=d.engine or self._engine.name,
+            fallback_used=bool(reason),
+            fallback_reason=reason,
+            timings_ms=timings,
+            decision=d,
+        )
+
+    def _failed(
+        self, cfg: AppConfig, reason: FallbackReason, detail: str, cause: Exception | None = None
+    ) -> RouteOutcome:
+        if not cfg.routing.fail_open:
+            metrics.FALLBACKS.labels(reason).inc()
+            if isinstance(cause, Overloaded):
+                raise Overloaded(detail)
+            raise EngineUnavailable(f"{reason}: {detail}")
+        route = cfg.default_route
+        outcome = RouteOutcome(
+            route=route,
+            model=cfg.model_chain(route)[0],
+            confidence=0.0,
+            scores={},
+            engine="",
+            fallback_used=True,
+            fallback_reason=reason,
+            fallback_detail=detail,
+        )
+        self._count(outcome)
+        return outcome
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _chain(self, cfg: AppConfig, route: str) -> list[tuple[str, ModelConfig]]:
+        return [(key, cfg.models[key]) for key in cfg.model_chain(route)]
+
+    async def dispatch(
+        self,
+        request: RouteRequest,
+        params: GenerationParams,
+        *,
+        timeout_s: float | None = None,
+    ) -> Dispatched:
+        """Route, then ask the route's models in order (then the default model)."""
+        cfg = self._config
+        _validate_params(params)
+        outcome = await self.route(request, timeout_s=timeout_s)
+        completion = await self._dispatcher.complete(
+            self._chain(cfg, outcome.route), request.messages, params
+        )
+        return Dispatched(outcome, completion)
+
+    async def dispatch_stream(
+        self,
+        request: RouteRequest,
+        params: GenerationParams,
+        *,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[RouteOutcome | StreamDelta | StreamEnd]:
+        """Yield the routing outcome first, then text deltas, then a StreamEnd."""
+        cfg = self._config
+        _validate_params(params)
+        outcome = await self.route(request, timeout_s=timeout_s)
+        yield outcome
+        async for event in self._dispatcher.stream(
+            self._chain(cfg, outcome.route), request.messages, params
+        ):
+            yield event
+
+
+def _validate_routes(routes: Sequence[RouteSpec], cfg: AppConfig) -> None:
+    lim = cfg.limits
+    if not routes:
+        raise InvalidArgument("routes", "an explicit route set must not be empty")
+    if len(routes) > lim.max_routes:
+        raise InvalidArgument(
+            "routes", f"{len(routes)} routes exceed the limit of {lim.max_routes}"
+        )
+    seen: set[str] = set()
+    for i, r in enumerate(routes):
+        if not ROUTE_NAME_RE.match(r.name):
+            raise InvalidArgument(
+                f"routes[{i}].name", f"{r.name!r} must match {ROUTE_NAME_RE.pattern}"
+            )
+        if r.name == OTHER_ROUTE:
+            raise InvalidArgument(f"routes[{i}].name", f"'{OTHER_ROUTE}' is reserved")
+        if r.name in seen:
+            raise InvalidArgument(f"routes[{i}].name", f"duplicate route name {r.name!r}")
+        seen.add(r.name)
+        if not r.description.strip():
+            raise InvalidArgument(f"routes[{i}].description", "must not be empty")
+        if len(r.description) > lim.max_description_chars:
+            raise InvalidArgument(
+                f"routes[{i}].description",
+                f"{len(r.description)} characters exceed the limit of {lim.max_description_chars}",
+            )
+
+
+def _validate_session_id(session_id: str, max_chars: int) -> None:
+    if len(session_id) > max_chars:
+        raise InvalidArgument(
+            "session_id", f"{len(session_id)} characters exceed the limit of {max_chars}"
+        )
+    if not all("!" <= c <= "~" for c in session_id):
+        raise InvalidArgument("session_id", "must be printable ASCII without spaces (0x21-0x7E)")
+
+
+def _validate_params(p: GenerationParams) -> None:
+    if p.temperature is not None and not 0.0 <= p.temperature <= 2.0:
+        raise InvalidArgument("temperature", "must be between 0 and 2")
+    if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
+        raise InvalidArgument("top_p", "must be in (0, 1]")
+    if p.max_tokens is not None and p.max_tokens < 1:
+        raise InvalidArgument("max_tokens", "must be at least 1")
+    if len(p.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+
+
+def request_messages(pairs: Sequence[tuple[str, str]]) -> tuple[Message, ...]:
+    """Build messages from (role, content) pairs, naming the field of an unknown role."""
+    out: list[Message] = []
+    for i, (role, content) in enumerate(pairs):
+        try:
+            out.append(Message(Role(role), content))
+        except ValueError:
+            raise InvalidArgument(f"messages[{i}].role", f"unknown role {role!r}") from None
+    return tuple(out)

@@ -1,0 +1,233 @@
+"""Prefix KV cache: a radix tree over token ids, LRU by bytes.
+
+Every prompt the engine prefills can be kept with its KV. A later prompt reuses the KV of the
+longest token prefix it shares with any kept prompt: a follow-up turn of a conversation shares
+everything up to the end of the previous turn, and a new conversation shares its route set's
+block. Only the new tokens are prefilled.
+
+Entries hold the KV of a whole token sequence. A prefix of an entry's KV is the KV of that
+prefix (attention is causal), so a lookup that ends inside an entry uses a slice of it. The
+tree finds, for a prompt, the entry that shares the most leading tokens with it, in time
+linear in the prompt. One byte budget bounds every entry; eviction takes the least recently
+used leaf first: an entry that is a prefix of another (a route set's block, a conversation's
+earlier turn) goes only once no leaf is left.
+
+This follows SGLang's RadixAttention and vLLM's automatic prefix caching, at the granularity
+of prompts rather than pages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from grpc_router.engines.arch_router.runtime import KVTensor, kv_nbytes, on_host
+
+EntryKind = Literal["route_set", "conversation"]
+
+
+@dataclass(slots=True, eq=False)
+class KVEntry:
+    """The KV of one token sequence."""
+
+    ids: tuple[int, ...]
+    past: list[KVTensor]
+    """Per layer key then value, [1, kv_heads, len(ids), head_dim]; on the session's device
+    when it keeps the KV there."""
+    kind: EntryKind
+    nbytes: int = 0
+    node: _Node | None = field(default=None, repr=False)
+    """Where its ids end in the tree."""
+
+    def prefix_past(self, length: int) -> list[KVTensor]:
+        """The KV of its first `length` tokens: itself when whole, else host slices (views)."""
+        if length == len(self.ids):
+            return list(self.past)
+        return [p[:, :, :length] for p in on_host(self.past)]
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    edge: tuple[int, ...]
+    """Tokens from the parent to this node."""
+    parent: _Node | None
+    children: dict[int, _Node] = field(default_factory=dict)
+    entries: dict[int, KVEntry] = field(default_factory=dict)
+    """Every entry whose ids pass through or end at this node, by id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    entry: KVEntry
+    length: int
+    """Leading tokens the prompt shares with `entry` that may be reused."""
+
+
+class PrefixCache:
+    """Token-prefix index of kept KV, bounded in bytes; thread-safe."""
+
+    def __init__(self, max_bytes: int, *, on_evict: Callable[[], None] | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._on_evict = on_evict
+        self._root = _Node((), None)
+        self._lru: OrderedDict[int, KVEntry] = OrderedDict()
+        self._ids = itertools.count()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def longest(
+        self, ids: Sequence[int], *, align: int = 1, limit: int | None = None
+    ) -> Match | None:
+        """The kept entry sharing the most leading tokens with `ids`, and how many of them may
+        be reused: at most `limit`, rounded down to a multiple of `align`. None if none."""
+        with self._lock:
+            node, matched = self._walk(ids)
+            cap = matched if limit is None else min(matched, limit)
+            length = cap // align * align
+            if node is None or length <= 0:
+                self.misses += 1
+                return None
+            key, entry = next(reversed(node.entries.items()))
+            self._lru.move_to_end(key)
+            self.hits += 1
+            return Match(entry, length)
+
+    def put(self, ids: Sequence[int], past: list[KVTensor], kind: EntryKind) -> KVEntry | None:
+        """Keep `past` as the KV of `ids`, evicting as needed. Nothing is stored when a kept
+        entry already starts with `ids` (it serves them), or when `past` alone is over the
+        budget. Returns the entry that now serves `ids`, if any."""
+        key_ids = tuple(ids)
+        size = sum(kv_nbytes(a) for a in past)
+        with self._lock:
+            node, matched = self._walk(key_ids)
+            if node is not None and matched == len(key_ids):
+                key, entry = next(reversed(node.entries.items()))
+                self._lru.move_to_end(key)
+                return entry
+            if size > self.max_bytes:
+                return None
+            for a in past:
+                if isinstance(a, np.ndarray):
+                    a.setflags(write=False)  # shared by every prompt that starts with these ids
+            while self._lru and self._bytes + size > self.max_bytes:
+                self._evict_one()
+            entry = KVEntry(key_ids, list(past), kind, size)
+            key = next(self._ids)
+            self._insert(key, entry)
+            self._lru[key] = entry
+            self._bytes += size
+            return entry
+
+    def clear(self) -> None:
+        with self._lock:
+            self._root = _Node((), None)
+            self._lru.clear()
+            self._bytes = 0
+
+    def kinds(self) -> dict[str, int]:
+        """Entries by kind (for tests and reports)."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for entry in self._lru.values():
+                out[entry.kind] = out.get(entry.kind, 0) + 1
+            return out
+
+    # -- the tree -------------------------------------------------------------------------
+
+    def _walk(self, ids: Sequence[int]) -> tuple[_Node | None, int]:
+        """The deepest node whose entries share the most leading tokens with `ids`, and how
+        many they share (a node reached partway along its edge counts)."""
+        node, matched, best = self._root, 0, None
+        while matched < len(ids):
+            child = node.children.get(ids[matched])
+            if child is None:
+                break
+            edge = child.edge
+            k = 1
+            while k < len(edge) and matched + k < len(ids) and edge[k] == ids[matched + k]:
+                k += 1
+            matched += k
+            best = child
+            if k < len(edge):
+                break
+            node = child
+        return best, matched
+
+    def _insert(self, key: int, entry: KVEntry) -> None:
+        ids = entry.ids
+        node, at = self._root, 0
+        node.entries[key] = entry
+        while at < len(ids):
+            child = node.children.get(ids[at])
+            if child is None:
+                child = _Node(ids[at:], node)
+                node.children[ids[at]] = child
+            else:
+                edge = child.edge
+                k = 1
+                while k < len(edge) and at + k < len(ids) and edge[k] == ids[at + k]:
+                    k += 1
+                if k < len(edge):
+                    child = self._split(child, k)
+            child.entries[key] = entry
+            at += len(child.edge)
+            node = child
+        entry.node = node
+
+    @staticmethod
+    def _split(child: _Node, k: int) -> _Node:
+        """Cut `child`'s edge after k tokens; returns the new middle node."""
+        parent = child.parent
+        assert parent is not None
+        middle = _Node(child.edge[:k], parent, entries=dict(child.entries))
+        parent.children[child.edge[0]] = middle
+        child.edge = child.edge[k:]
+        child.parent = middle
+        middle.children[child.edge[0]] = child
+        return middle
+
+    def _evict_one(self) -> None:
+        """Drop the least recently used leaf entry, or the least recently used entry when
+        every one is a prefix of another."""
+        victim = next(iter(self._lru))
+        for key, entry in self._lru.items():
+            if entry.node is not None and len(entry.node.entries) == 1:
+                victim = key
+                break
+        entry = self._lru.pop(victim)
+        self._bytes -= entry.nbytes
+        self.evictions += 1
+        if self._on_evict is not None:
+            self._on_evict()
+        node = entry.node
+        while node is not None:
+            node.entries.pop(victim, None)
+            parent = node.parent
+            if parent is not None and not node.entries:
+                parent.children.pop(node.edge[0], None)
+            node = parent
+        entry.node = None
+
+
+def stack_past(items: list[list[KVTensor]]) -> list[KVTensor]:
+    """Concatenate several equally long pasts along the batch axis (one is used as it is: the
+    graph only reads its past; several are joined on the host)."""
+    if len(items) == 1:
+        return list(items[0])
+    return [np.concatenate(layer, axis=0) for layer in zip(*map(on_host, items), strict=True)]

@@ -1,0 +1,1 @@
+"""The encoder engine: zero-shot routing by sentence-embedding similarity."""

@@ -1,4 +1,0 @@
-"""`make bench`: the Arch-Router engine against PyTorch and Optimum baselines (not a test).
-
-Run as `python -m tests.bench [--layers N] [--samples N] ...`; see `--help`.
-"""
