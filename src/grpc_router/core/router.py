@@ -39,6 +39,8 @@ from grpc_router.types import (
 )
 
 MAX_STOP_SEQUENCES = 4
+# The metric label of routes only a request defined.
+REQUEST_DEFINED = "request_defined"
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +278,12 @@ class Router:
         return replace(decision, route=session.route, confidence=kept), True, False
 
     def _count(self, outcome: RouteOutcome) -> None:
-        metrics.DECISIONS.labels(outcome.route).inc()
+        """Metrics of an answered call. Route labels are the configured routes and the default
+        route; a route only a request defined counts as `request_defined`, so that callers
+        cannot grow the label set."""
+        cfg = self._config
+        known = outcome.route == cfg.default_route or cfg.route(outcome.route) is not None
+        metrics.DECISIONS.labels(outcome.route if known else REQUEST_DEFINED).inc()
         if outcome.fallback_reason:
             metrics.FALLBACKS.labels(outcome.fallback_reason).inc()
 
@@ -404,6 +411,17 @@ def _validate_routes(routes: Sequence[RouteSpec], cfg: AppConfig) -> None:
         seen.add(r.name)
         if not r.description.strip():
             raise InvalidArgument(f"routes[{i}].description", "must not be empty")
+        if len(r.examples) > lim.max_examples:
+            raise InvalidArgument(
+                f"routes[{i}].examples",
+                f"{len(r.examples)} examples exceed the limit of {lim.max_examples}",
+            )
+        for j, example in enumerate(r.examples):
+            if len(example) > lim.max_example_chars:
+                raise InvalidArgument(
+                    f"routes[{i}].examples[{j}]",
+                    f"{len(example)} characters exceed the limit of {lim.max_example_chars}",
+                )
         if len(r.description) > lim.max_description_chars:
             raise InvalidArgument(
                 f"routes[{i}].description",

@@ -8,6 +8,7 @@ from grpc_router.settings.app import (
     ROUTE_NAME_PATTERN,
     ROUTE_NAME_RE,
     AppConfig,
+    CircuitBreakerConfig,
     LimitsConfig,
     LoggingConfig,
     MetricsConfig,
@@ -17,6 +18,7 @@ from grpc_router.settings.app import (
     ServerConfig,
     SessionConfig,
     TlsConfig,
+    TracingConfig,
 )
 from grpc_router.settings.engines import (
     ArchRouterSettings,
@@ -33,6 +35,7 @@ __all__ = [
     "ROUTE_NAME_RE",
     "AppConfig",
     "ArchRouterSettings",
+    "CircuitBreakerConfig",
     "ConfigError",
     "EncoderSettings",
     "EngineConfig",
@@ -48,6 +51,7 @@ __all__ = [
     "ServerConfig",
     "SessionConfig",
     "TlsConfig",
+    "TracingConfig",
     "load_config",
     "parse_config",
 ]

@@ -97,6 +97,12 @@ class LimitsConfig(_Strict):
     max_content_chars: int = Field(default=32_000, ge=1)
     """Per message."""
     max_description_chars: int = Field(default=2_000, ge=1)
+    max_examples: int = Field(default=32, ge=0)
+    """Example utterances per route in a per-request route set."""
+    max_example_chars: int = Field(default=500, ge=1)
+    """Characters per example utterance."""
+    max_request_id_chars: int = Field(default=128, ge=8, le=1024)
+    """Longest caller request id (printable ASCII)."""
 
 
 class RoutingConfig(_Strict):
@@ -143,6 +149,35 @@ class SessionConfig(_Strict):
     """Longest session id accepted (printable ASCII, no spaces)."""
 
 
+class CircuitBreakerConfig(_Strict):
+    """Per upstream model, with Envoy outlier-detection semantics: consecutive failures or
+    timeouts open the breaker, calls skip the model while it is open, and after the cooldown
+    one probe call decides whether it closes again."""
+
+    enabled: bool = True
+    consecutive_failures: int = Field(default=5, ge=1)
+    """Failures (HTTP 5xx, 429, timeouts, connection errors) in a row that open the breaker."""
+    cooldown_s: float = Field(default=30.0, gt=0)
+    """How long an opened breaker skips its model before a half-open probe."""
+    max_cooldown_s: float = Field(default=300.0, gt=0)
+    """Each failed probe doubles the cooldown, up to this."""
+    honor_retry_after: bool = True
+    """A 429 with `Retry-After` opens the breaker for that long (capped by max_cooldown_s)."""
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry traces: one span per RPC, children for the engine and each upstream
+    attempt; W3C `traceparent` is read from gRPC metadata and ext_proc request headers and
+    passed to upstreams. Off by default."""
+
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    """OTLP/gRPC collector endpoint."""
+    service_name: str = "grpc-router"
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of root traces sampled (parent-based: a sampled caller's trace is followed)."""
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     log_content: bool = False
@@ -170,6 +205,8 @@ class AppConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     ext_proc: ExtProcSettings = Field(default_factory=ExtProcSettings)
     session: SessionConfig = Field(default_factory=SessionConfig)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @model_validator(mode="after")
     def _cross_refs(self) -> AppConfig:

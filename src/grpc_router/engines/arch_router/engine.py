@@ -20,7 +20,7 @@ from grpc_router.engines.arch_router.graph import ALIGN
 from grpc_router.engines.arch_router.kvcache import KVEntry, Match, PrefixCache, stack_past
 from grpc_router.engines.arch_router.prefill import Rows, prompt_and_trie, prompt_rows
 from grpc_router.engines.arch_router.prompt import Prompt, PromptBuilder, answer_names
-from grpc_router.engines.arch_router.runtime import CPU, DecoderSession
+from grpc_router.engines.arch_router.runtime import CPU, DecoderSession, on_host
 from grpc_router.engines.arch_router.scoring import Outcome, outcome_of
 from grpc_router.engines.arch_router.trie import Trie
 from grpc_router.engines.artifact import load_artifact, manifest_summary, resolve_variant_dir
@@ -315,8 +315,14 @@ class ArchRouterEngine:
         return kept if kept is not None else KVEntry(block, rows.past, "route_set")
 
     def _keep(self, ids: tuple[int, ...], state: Rows) -> None:
-        """Keep a prompt's KV (cut to the prompt) for the calls that continue it."""
-        past = [np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in state.past]
+        """Keep a prompt's KV for the calls that continue it. A row cut out of a batch is
+        copied (a view would keep the whole batch alive); a run's own arrays are kept as they
+        are; a device's come to the host, where a follow-up cuts its prefix."""
+        if state.batch > 1:
+            state = state.row(0, len(ids))
+        past = on_host(state.past)
+        if not all(a.flags.c_contiguous for a in past):
+            past = [np.ascontiguousarray(a) for a in past]
         self._cache.put(ids, past, "conversation")
 
     def _run_group(self, group: list[_Prepared]) -> list[Outcome]:

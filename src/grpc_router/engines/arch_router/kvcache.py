@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 
-from grpc_router.engines.arch_router.runtime import KVTensor, kv_nbytes, on_host
+from grpc_router.engines.arch_router.runtime import KVTensor, kv_length, kv_nbytes, on_host
 
 EntryKind = Literal["route_set", "conversation"]
 
@@ -38,16 +38,18 @@ class KVEntry:
 
     ids: tuple[int, ...]
     past: list[KVTensor]
-    """Per layer key then value, [1, kv_heads, len(ids), head_dim]; on the session's device
-    when it keeps the KV there."""
+    """Per layer key then value, [1, kv_heads, at least len(ids), head_dim] (positions past
+    len(ids), a route trie's, are never read); on the session's device when it keeps the KV
+    there."""
     kind: EntryKind
     nbytes: int = 0
     node: _Node | None = field(default=None, repr=False)
     """Where its ids end in the tree."""
 
     def prefix_past(self, length: int) -> list[KVTensor]:
-        """The KV of its first `length` tokens: itself when whole, else host slices (views)."""
-        if length == len(self.ids):
+        """The KV of its first `length` tokens: the arrays themselves when they hold exactly
+        that many, else host slices (views)."""
+        if kv_length(self.past[0]) == length:
             return list(self.past)
         return [p[:, :, :length] for p in on_host(self.past)]
 
@@ -109,7 +111,8 @@ class PrefixCache:
             return Match(entry, length)
 
     def put(self, ids: Sequence[int], past: list[KVTensor], kind: EntryKind) -> KVEntry | None:
-        """Keep `past` as the KV of `ids`, evicting as needed. Nothing is stored when a kept
+        """Keep `past` (whose first len(ids) positions are their KV) as the KV of `ids`,
+        evicting as needed. Nothing is stored when a kept
         entry already starts with `ids` (it serves them), or when `past` alone is over the
         budget. Returns the entry that now serves `ids`, if any."""
         key_ids = tuple(ids)

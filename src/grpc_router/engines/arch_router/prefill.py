@@ -187,8 +187,9 @@ def prompt_and_trie(
     where the prompt ends, whatever the batch, so a row's numbers do not depend on its
     neighbours.
 
-    Also returns each prompt's KV state: with `keep_kv`, cut to the prompt (host views of the
-    run's arrays, for the prefix cache to copy); else the run's state as it is (nothing
+    Also returns each prompt's KV state, whose first positions are the prompt's: with
+    `keep_kv`, a row of a batch is cut out of it (host views, for the prefix cache to copy);
+    a row that ran alone, or any row without `keep_kv`, is the run's state as it is (nothing
     extends a trie's KV, and on a device cutting it would copy it out)."""
     return _prefill(session, past, past_len, suffixes, tails, chunk_tokens, align, keep_kv)
 
@@ -303,9 +304,10 @@ def _prefill_batched(
 
 
 def _prompt_state(rows: Rows, r: int, length: int, tail: TrieTail | None, keep_kv: bool) -> Rows:
-    """Row r's KV state once its prompt is in: cut to the prompt, except a prompt fed with a
-    tail whose KV nobody asked for (left as it is)."""
-    if tail and not keep_kv:
+    """Row r's KV state once its prompt is in: cut to the prompt; or, for a prompt fed with a
+    tail, the run's state as it is when nobody asked for the KV or when the run held this row
+    alone (its first `length` positions are the prompt's: no copy is needed to keep them)."""
+    if tail and (not keep_kv or rows.batch == 1):
         return rows
     state = rows.row(r, length)
     if rows.batch > 1 and not tail:  # a view would keep the whole batch's KV alive

@@ -50,6 +50,11 @@ def on_host(past: list[KVTensor]) -> list[FloatArray]:
     return [t if isinstance(t, np.ndarray) else t.numpy() for t in past]
 
 
+def kv_length(t: KVTensor) -> int:
+    """Positions a KV tensor holds, [batch, kv_heads, positions, head_dim], wherever it is."""
+    return int(t.shape[2] if isinstance(t, np.ndarray) else t.shape()[2])
+
+
 def kv_nbytes(t: KVTensor) -> int:
     if isinstance(t, np.ndarray):
         return int(t.nbytes)
