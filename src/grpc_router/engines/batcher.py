@@ -2,6 +2,8 @@
 
 A batch closes when it holds max_batch_size jobs or when its first job has waited max_wait_us.
 The queue is bounded; past it, submit raises Overloaded at once instead of queueing forever.
+A job whose caller has gone (cancelled, or its deadline passed, which cancels it) is dropped
+before it runs: abandoned work must not delay the callers still waiting.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Generic, TypeVar
 import structlog
 
 from grpc_router.errors import EngineUnavailable, Overloaded
+from grpc_router.observability.metrics import count_dropped
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +109,9 @@ class Batcher(Generic[In, Out]):
             if first is None:
                 break
             batch, stopping = self._collect(first)
+            batch = self._live(batch)
+            if not batch:
+                continue
             now = time.perf_counter()
             for job in batch:
                 job.started = now
@@ -118,6 +124,15 @@ class Batcher(Generic[In, Out]):
                 results = [EngineUnavailable(f"arch-router engine failed: {exc}")] * len(batch)
             for job, result in zip(batch, results, strict=True):
                 job.loop.call_soon_threadsafe(_settle, job.future, result)
+
+
+    def _live(self, batch: list[Job[In, Out]]) -> list[Job[In, Out]]:
+        """The jobs whose callers still wait (a cancelled future stays cancelled)."""
+        live = [job for job in batch if not job.future.cancelled()]
+        if len(live) < len(batch):
+            count_dropped(len(batch) - len(live))
+            log.info("dropped abandoned work", jobs=len(batch) - len(live))
+        return live
 
 
 def _settle(future: asyncio.Future[Out], result: Out | BaseException) -> None:

@@ -93,6 +93,17 @@ def count_prefix_eviction() -> None:
     PREFIX_CACHE_EVICTIONS.inc()
 
 
+DROPPED = Counter(
+    "grpc_router_engine_dropped_total",
+    "Queued engine work dropped before it ran because its caller had gone (cancelled or past "
+    "its deadline).",
+)
+
+
+def count_dropped(jobs: int) -> None:
+    DROPPED.inc(jobs)
+
+
 def observe_batch_size(size: int) -> None:
     """For engines that batch: record how many conversations one engine run served."""
     BATCH_SIZE.observe(size)
