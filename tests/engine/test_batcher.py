@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 from grpc_router.engines.batcher import Batcher, Job
@@ -34,10 +35,8 @@ def test_abandoned_jobs_are_dropped_before_they_run() -> None:
             assert await first == "done first"
             assert await kept == "done kept"
             for task in (gone, late):
-                try:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await task
-                except (asyncio.CancelledError, TimeoutError):
-                    pass
             assert ran == ["first", "kept"]
             assert metrics.DROPPED._value.get() - before == 2
         finally:

@@ -7,7 +7,12 @@ The upstream `model` name picks the behaviour, so a config can mix healthy and b
   "drop"            closes the connection without a response
   "drop-mid"        streams one token, then closes the connection
   "slow-<ms>"       like ok, but waits <ms> before answering
-Every request is recorded (model, headers, body) for assertions.
+  "echo-<status>"   HTTP <status> whose error body quotes the last user text (as real APIs do)
+  "retry-after-<s>" HTTP 429 with `Retry-After: <s>` (seconds)
+  "retry-date-<s>"  HTTP 429 with `Retry-After` an HTTP date <s> seconds ahead
+  "reset"           resets the connection (TCP RST) without a response
+Any other name behaves as set with `FakeUpstream.behave(name, behaviour)` (switchable at run
+time), else as "ok". Every request is recorded (model, headers, body) for assertions.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import json
 import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -33,11 +40,17 @@ class Recorded:
 class UpstreamLog:
     requests: list[Recorded] = field(default_factory=list)
     hangs_abandoned: int = 0
+    behaviours: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def models(self) -> list[str]:
         with self.lock:
             return [r.model for r in self.requests]
+
+    def count(self, model: str) -> int:
+        """Requests received for the upstream model name `model`."""
+        with self.lock:
+            return sum(1 for r in self.requests if r.model == model)
 
     def clear(self) -> None:
         with self.lock:
@@ -45,9 +58,13 @@ class UpstreamLog:
             self.hangs_abandoned = 0
 
 
-def _answer(model: str, body: dict[str, Any]) -> str:
+def _last_user(body: dict[str, Any]) -> str:
     users = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
-    return f"{model} says: {users[-1] if users else ''}"
+    return str(users[-1]) if users else ""
+
+
+def _answer(model: str, body: dict[str, Any]) -> str:
+    return f"{model} says: {_last_user(body)}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -66,29 +83,49 @@ class _Handler(BaseHTTPRequestHandler):
             log.requests.append(
                 Recorded(model, body, {k.lower(): v for k, v in self.headers.items()})
             )
+            how = log.behaviours.get(model, model)
         if not self.path.endswith("/chat/completions"):
             self._json(404, {"error": {"message": "not found"}})
-        elif model.startswith("fail-"):
-            status = int(model.removeprefix("fail-"))
+        elif how.startswith("fail-"):
+            status = int(how.removeprefix("fail-"))
             self._json(status, {"error": {"message": f"injected {status}"}})
-        elif model == "hang":
+        elif how.startswith("echo-"):
+            status = int(how.removeprefix("echo-"))
+            message = f"cannot process this prompt: {_last_user(body)}"
+            self._json(status, {"error": {"message": message}})
+        elif how.startswith("retry-after-"):
+            wait = how.removeprefix("retry-after-")
+            self._json(429, {"error": {"message": "slow down"}}, {"retry-after": wait})
+        elif how.startswith("retry-date-"):
+            when = formatdate(time.time() + int(how.removeprefix("retry-date-")), usegmt=True)
+            self._json(429, {"error": {"message": "slow down"}}, {"retry-after": when})
+        elif how == "hang":
             self._hang()
-        elif model == "drop":
+        elif how == "drop":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+        elif how == "reset":
+            self.close_connection = True
+            # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
         else:
-            if model.startswith("slow-"):
-                time.sleep(int(model.removeprefix("slow-")) / 1000)
+            if how.startswith("slow-"):
+                time.sleep(int(how.removeprefix("slow-")) / 1000)
             if body.get("stream"):
-                self._stream(model, body)
+                self._stream(model, body, how)
             else:
                 self._complete(model, body)
 
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
+    def _json(
+        self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
@@ -116,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {data}\n\n".encode())
         self.wfile.flush()
 
-    def _stream(self, model: str, body: dict[str, Any]) -> None:
+    def _stream(self, model: str, body: dict[str, Any], how: str) -> None:
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("connection", "close")
@@ -126,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
         for i, word in enumerate(words):
             token = word if i == 0 else " " + word
             self._event({"choices": [{"index": 0, "delta": {"content": token}}]})
-            if model == "drop-mid":
+            if how == "drop-mid":
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
         self.wfile.write(b": keep-alive comment\n\n")
@@ -172,6 +209,12 @@ class FakeUpstream:
     @property
     def log(self) -> UpstreamLog:
         return self._server.log
+
+    def behave(self, model: str, behaviour: str) -> None:
+        """Make upstream model name `model` behave like `behaviour` (a name above) from the next
+        request on: an upstream that can be switched from failing to healthy."""
+        with self._server.log.lock:
+            self._server.log.behaviours[model] = behaviour
 
     def __enter__(self) -> FakeUpstream:
         self._thread.start()

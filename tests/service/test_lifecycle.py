@@ -81,8 +81,9 @@ def test_unreadable_and_malformed_config(tmp_path: Path) -> None:
 def test_sigterm_drains_in_flight_calls(
     tmp_path: Path, upstream: FakeUpstream, arch_engine: dict[str, Any]
 ) -> None:
-    # 6 dispatches + 1 health watch fill the server: the next call is refused.
-    server_cfg = {"grace_s": 20, "max_concurrent_rpcs": 7}
+    # 6 dispatches fill the server: the next routing call is refused (health and ListRoutes
+    # stay outside the limit).
+    server_cfg = {"grace_s": 20, "max_concurrent_rpcs": 6}
     cfg = make_config(upstream.base_url, arch_engine, chain=["slow"], server=server_cfg)
     server = start_server(tmp_path, cfg)
     health = health_pb2_grpc.HealthStub(server.channel)
@@ -109,8 +110,9 @@ def test_sigterm_drains_in_flight_calls(
         time.sleep(0.02)
     assert len(upstream.log.requests) == 6, "calls did not reach the upstream"
     with pytest.raises(grpc.RpcError) as full:
-        server.stub.ListRoutes(pb.ListRoutesRequest(), timeout=10)
+        server.stub.Route(route_request("one too many"), timeout=10)
     assert full.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert server.stub.ListRoutes(pb.ListRoutesRequest(), timeout=10).routes
 
     server.proc.send_signal(15)
     # Health flips at once, while the calls are still in flight.

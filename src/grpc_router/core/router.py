@@ -10,6 +10,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 
+from opentelemetry import trace
+
 from grpc_router.core.conversation import routing_view, view_key
 from grpc_router.core.decisions import DecisionCache
 from grpc_router.core.sessions import Session, SessionStore
@@ -21,7 +23,7 @@ from grpc_router.dispatch.upstream import (
     StreamEnd,
 )
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
-from grpc_router.observability import metrics
+from grpc_router.observability import metrics, tracing
 from grpc_router.settings import ROUTE_NAME_RE, AppConfig, ModelConfig
 from grpc_router.types import (
     OTHER_ROUTE,
@@ -67,6 +69,7 @@ class Router:
         self._config = config
         self._engine = engine
         self._dispatcher = dispatcher or Dispatcher()
+        self._dispatcher.configure(config)
         self._decisions = DecisionCache(config.routing.decision_cache_size)
         self._sessions = SessionStore(config.session.max_sessions, config.session.ttl_s)
 
@@ -86,6 +89,7 @@ class Router:
         """Serve `config` from the next call on. Calls in flight keep the snapshot they took.
         The engine is not rebuilt: engine changes need a restart."""
         self._config = config
+        self._dispatcher.configure(config)  # breakers keep the state of kept models
         self._decisions.max_entries = config.routing.decision_cache_size
         self._sessions.resize(config.session.max_sessions, config.session.ttl_s)
 
@@ -149,6 +153,9 @@ class Router:
             metrics.DECISION_LATENCY.labels(decision.engine or self._engine.name).observe(
                 engine_ms / 1000
             )
+            tracing.add_phase_spans(
+                decision.timings_ms, time.time_ns(), decision.engine or self._engine.name
+            )
             self._decisions.put(key, decision)
         metrics.DECISION_SOURCES.labels(source).inc()
         answer, pinned, switched = decision, False, False
@@ -170,6 +177,7 @@ class Router:
             switched=switched,
         )
         self._count(outcome)
+        _annotate_span(outcome)
         return outcome
 
     async def _decide(
@@ -388,6 +396,26 @@ class Router:
             self._chain(cfg, outcome.route), request.messages, params
         ):
             yield event
+
+
+def _annotate_span(outcome: RouteOutcome) -> None:
+    """The decision on the current span (the RPC's, or ext_proc's routing span)."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes(
+            tracing.span_attributes(
+                **{
+                    "router.route": outcome.route,
+                    "router.model": outcome.model,
+                    "router.engine_route": outcome.engine_route,
+                    "router.source": outcome.source.value,
+                    "router.fallback_reason": outcome.fallback_reason.value,
+                    "router.session_status": outcome.session_status.value,
+                    "router.pinned": outcome.pinned,
+                    "router.switched": outcome.switched,
+                }
+            )
+        )
 
 
 def _validate_routes(routes: Sequence[RouteSpec], cfg: AppConfig) -> None:

@@ -125,7 +125,6 @@ class Batcher(Generic[In, Out]):
             for job, result in zip(batch, results, strict=True):
                 job.loop.call_soon_threadsafe(_settle, job.future, result)
 
-
     def _live(self, batch: list[Job[In, Out]]) -> list[Job[In, Out]]:
         """The jobs whose callers still wait (a cancelled future stays cancelled)."""
         live = [job for job in batch if not job.future.cancelled()]

@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -30,6 +30,7 @@ from prometheus_client import Counter, Histogram
 
 from grpc_router.core.router import Router
 from grpc_router.errors import InvalidArgument, Overloaded, RouterError
+from grpc_router.observability import tracing
 from grpc_router.serving.chatparse import ChatDialect, parse_chat
 from grpc_router.settings.extproc import ExtProcSettings
 from grpc_router.types import Message, MessageKind, Role, RouteOutcome, RouteRequest
@@ -84,6 +85,9 @@ def _clip(text: str, limit: int) -> str:
     return text[: keep - keep // 2] + _CLIP_MARK + text[len(text) - keep // 2 :]
 
 
+_TRACE_HEADERS = ("traceparent", "tracestate")
+
+
 @dataclass(slots=True)
 class _Stream:
     """What one Process stream (one HTTP request) has learnt so far."""
@@ -92,6 +96,9 @@ class _Stream:
     request_id: str = ""
     session_id: str = ""
     path: str = ""
+    trace_headers: dict[str, str] = field(default_factory=dict)
+    """The request's W3C trace context (`traceparent`, `tracestate`), continued by the
+    routing span."""
     done: bool = False
     """Decided (routed, passed through or failed): later phases only CONTINUE."""
 
@@ -203,6 +210,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         stream.request_id = values.get("x-request-id", "")
         # Passed as is: the router validates it (an invalid id is an invalid request).
         stream.session_id = values.get(self._settings.session_header, "")
+        stream.trace_headers = {k: values[k] for k in _TRACE_HEADERS if k in values}
         dialect = self._paths.get(stream.path)
         reason = self._headers_pass_reason(dialect, values, end_of_stream=headers.end_of_stream)
         if reason is not None:
@@ -263,7 +271,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         )
         started = time.perf_counter()
         try:
-            outcome = await self._route(request)
+            with (
+                tracing.continue_from(stream.trace_headers),
+                tracing.tracer().start_as_current_span(
+                    "extproc.route", attributes={"http.path": stream.path}
+                ),
+            ):
+                outcome = await self._route(request)
         except _Failure as failure:
             return self._on_failure(stream, failure)
         finally:

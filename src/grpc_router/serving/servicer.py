@@ -13,6 +13,7 @@ from grpc_router.core.router import Router
 from grpc_router.dispatch.upstream import Attempt, GenerationParams, StreamDelta, StreamEnd, Usage
 from grpc_router.errors import InvalidArgument
 from grpc_router.observability import logs
+from grpc_router.serving.interceptors import check_request_id
 from grpc_router.serving.wire import route_request_from_pb, route_response_to_pb
 from grpc_router.settings import AppConfig
 from grpc_router.types import RouteOutcome, RouteRequest
@@ -57,7 +58,8 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
         if remaining is not None and remaining <= 0:
             raise TimeoutError("deadline already passed")
         if req.request_id:
-            logs.set_request_id(req.request_id[:128])
+            limit = cfg.limits.max_request_id_chars
+            logs.set_request_id(check_request_id(req.request_id, limit))
         request = route_request_from_pb(req, logs.current_request_id())
         if not request.session_id:  # a mesh hashes replicas on the header: accept it there too
             metadata = dict(context.invocation_metadata() or ())

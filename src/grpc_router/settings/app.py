@@ -84,7 +84,24 @@ class ServerConfig(_Strict):
     grace_s: float = Field(default=10.0, ge=0)
     """On SIGTERM, how long calls in flight may take to finish."""
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
-    """Calls beyond this are refused with RESOURCE_EXHAUSTED; None is unbounded."""
+    """Routing calls (Route, Dispatch, DispatchStream, ext_proc streams) served at once; more
+    are refused with RESOURCE_EXHAUSTED. A call counts once its request has arrived. Health,
+    reflection and ListRoutes are outside the limit. None is unbounded."""
+    overload_queue_depth: int = Field(default=48, ge=1)
+    """The `grpc_router.readiness` health service reports NOT_SERVING while the engine queue
+    holds at least this many routing requests (or max_concurrent_rpcs calls are in flight)."""
+    keepalive_time_s: float = Field(default=60.0, gt=0)
+    """HTTP/2 keepalive: ping a client connection after this long without activity."""
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    """Close a connection whose keepalive ping is not answered within this."""
+    max_connection_idle_s: float | None = Field(default=None, gt=0)
+    """Close (GOAWAY) a connection with no call for this long; None never does."""
+    max_connection_age_s: float | None = Field(default=None, gt=0)
+    """Close (GOAWAY) a connection this old, so clients reconnect (and rebalance); None
+    never does."""
+    max_connection_age_grace_s: float | None = Field(default=None, ge=0)
+    """After max_connection_age_s, how long calls on the connection may still run before it is
+    closed; None waits for them."""
     reflection: bool = True
     tls: TlsConfig | None = None
 
