@@ -1,4 +1,4 @@
-"""`grpc-router`: serve, route (a gRPC client) and eval."""
+"""`grpc-router`: serve, route (a gRPC client), eval and lint."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import json_format
 
 from grpc_router.errors import RouterError
+from grpc_router.evaluate.lint import register_lint
 from grpc_router.evaluate.runner import register_eval
 from grpc_router.settings import ConfigError
 from grpc_router.types import Message, Role
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_route)
 
     register_eval(sub)
+    register_lint(sub)
     return p
 
 

@@ -1,10 +1,18 @@
-"""Cascade: a fast engine answers when it is clearly sure; a slow engine decides otherwise."""
+"""Cascade: a fast engine answers when it is clearly sure; a slow engine decides otherwise.
+
+"Sure" is a probability margin over every candidate, `other` included: the encoder's `other`
+logit sits at the best route's threshold, so a request whose best route scores near its
+threshold (p(best) close to p(other)) is uncertain and goes to the slow engine (Arch-Router,
+which answers `other` itself when nothing fits), as does one torn between two routes. A request
+far below every threshold is a confident `other` and stays with the fast engine.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from grpc_router.types import Decision, Engine, Message, RouteSpec
 
@@ -59,8 +67,7 @@ class CascadeEngine:
         start = time.perf_counter()
         first = await self._fast.decide(messages, routes, full_scores=True)
         fast_ms = (time.perf_counter() - start) * 1e3
-        margin = probability_margin(first.scores)
-        if margin >= self._margin:
+        if not self.uncertain(first):
             timings = {**first.timings_ms, "cascade_fast": fast_ms, "total": fast_ms}
             return _with(first, timings, full_scores)
         second = await self._slow.decide(messages, routes, full_scores=full_scores)
@@ -72,6 +79,20 @@ class CascadeEngine:
             "total": total,
         }
         return _with(second, timings, full_scores)
+
+    def uncertain(self, decision: Decision) -> bool:
+        """Whether the fast engine's decision goes to the slow engine."""
+        return probability_margin(decision.scores) < self._margin
+
+    def other_thresholds(self, routes: Sequence[RouteSpec]) -> Any:
+        """The fast engine's `other` thresholds for `routes` (None when it has none)."""
+        fit = getattr(self._fast, "other_thresholds", None)
+        return fit(routes) if callable(fit) else None
+
+    async def prepare(self, routes: Sequence[RouteSpec]) -> Any:
+        """Let the fast engine build its route-set index ahead of the first request."""
+        prepare = getattr(self._fast, "prepare", None)
+        return await prepare(routes) if callable(prepare) else None
 
     async def close(self) -> None:
         await asyncio.gather(self._fast.close(), self._slow.close())

@@ -150,6 +150,25 @@ def compute_metrics(
     latencies = np.asarray([p.latency_ms for p in preds if not p.error], dtype=np.float64)
     engines = Counter(p.engine for p in preds if not p.error)
     other = per_class[OTHER_ROUTE]
+    paths = {}
+    for engine in sorted(engines):
+        mine = [(c.label, p.route) for c, p in zip(cases, preds, strict=True) if p.engine == engine]
+        inside = [(t, a) for t, a in mine if t != OTHER_ROUTE]
+        null = [(t, a) for t, a in mine if t == OTHER_ROUTE]
+        paths[engine] = {
+            "cases": len(mine),
+            "share": len(mine) / len(cases),
+            "accuracy": sum(t == a for t, a in mine) / len(mine),
+            "in_scope_cases": len(inside),
+            "in_scope_accuracy": (sum(t == a for t, a in inside) / len(inside))
+            if inside
+            else math.nan,
+            "other_cases": len(null),
+            "other_recall": (sum(a == OTHER_ROUTE for _, a in null) / len(null))
+            if null
+            else math.nan,
+            "other_answers": sum(a == OTHER_ROUTE for _, a in mine),
+        }
     return {
         "cases": len(cases),
         "accuracy": sum(t == a for t, a in zip(labels, answers, strict=True)) / len(cases),
@@ -168,6 +187,7 @@ def compute_metrics(
             "mean": float(latencies.mean()) if latencies.size else math.nan,
         },
         "engines": dict(engines),
+        "paths": paths,
         "per_route": per_class,
         "confusion": {
             t: {a: confusion[(t, a)] for a in [*classes, "<error>"] if confusion[(t, a)]}
@@ -189,6 +209,18 @@ def markdown_report(title: str, m: dict[str, Any], routes: Sequence[RouteSpec]) 
         f"| {m['cases']} | {m['accuracy']:.2%} | {m['in_scope_accuracy']:.2%} | "
         f"{m['macro_f1']:.3f} | {m['other_precision']:.2%} | {m['other_recall']:.2%} "
         f"(n={m['other_support']}) | {lat['p50']:.2f} | {lat['p95']:.2f} | {engines} |",
+        "",
+        *_other_fit_lines(m.get("other_fit")),
+        "## Paths (which engine decided)",
+        "",
+        "| engine | cases | share | accuracy | in-scope accuracy | other recall | answered other |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {name or '?'} | {p['cases']} | {p['share']:.1%} | {p['accuracy']:.2%} | "
+            f"{_pct(p['in_scope_accuracy'])} | {_pct(p['other_recall'])} (n={p['other_cases']}) "
+            f"| {p['other_answers']} |"
+            for name, p in m.get("paths", {}).items()
+        ),
         "",
         "## Per route",
         "",
@@ -214,6 +246,48 @@ def markdown_report(title: str, m: dict[str, Any], routes: Sequence[RouteSpec]) 
     for label, row in m["confusion"].items():
         lines.append(f"| {label} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2%}"
+
+
+def _other_fit_lines(fit: dict[str, Any] | None) -> list[str]:
+    """The engine's `other` thresholds for the route set, as report lines."""
+    if not fit:
+        return []
+    line = f"`other` threshold: {fit.get('mode')} ({fit.get('source')})"
+    if fit.get("threshold") is not None:
+        line += f", set level {fit['threshold']:.4f}"
+    if fit.get("background") is not None:
+        line += f", background {fit['background']:.4f}"
+    if fit.get("in_scope") is not None:
+        line += (
+            f", in-scope q{fit.get('quantile')} {fit['in_scope']:.4f} "
+            f"from {fit['examples']} examples"
+        )
+    lines = [line + "."]
+    own = fit.get("route_thresholds")
+    if own:
+        lines += ["", "Per route: " + ", ".join(f"{k} {v:.4f}" for k, v in own.items()) + "."]
+    return [*lines, ""]
+
+
+def other_fit_summary(engine: Any, routes: Sequence[RouteSpec]) -> dict[str, Any] | None:
+    """The `other` thresholds an engine keeps for `routes` (the encoder's, directly or in a
+    cascade), as the fit's log line has them; None for engines without."""
+    thresholds = getattr(engine, "other_thresholds", None)
+    if not callable(thresholds):
+        return None
+    fit = thresholds(routes)
+    if fit is None:
+        return None
+    summary: dict[str, Any] = fit.summary([r.name for r in routes])
+    return summary
+
+
+def without_examples(routes: Sequence[RouteSpec]) -> tuple[RouteSpec, ...]:
+    return tuple(RouteSpec(r.name, r.description, ()) for r in routes)
 
 
 # -- predictors -------------------------------------------------------------------------------
@@ -245,7 +319,8 @@ def _eval_config(routes: Sequence[RouteSpec], engine: Any) -> Any:
 
 async def _in_process(
     routes: Sequence[RouteSpec], engine_cfg: Any, run: Callable[[Predictor], Awaitable[None]]
-) -> None:
+) -> dict[str, Any] | None:
+    """Run the cases in process; returns the engine's `other` thresholds for the routes."""
     from grpc_router.core.router import Router
     from grpc_router.engines.selection import build_engine
 
@@ -266,6 +341,7 @@ async def _in_process(
 
     try:
         await run(predict)
+        return await asyncio.to_thread(other_fit_summary, engine, routes)
     finally:
         await router.close()
         await engine.close()
@@ -343,14 +419,17 @@ async def run_eval(
     limit: int | None = None,
     out: Path | None = DEFAULT_OUT,
     progress: bool = True,
+    drop_examples: bool = False,
 ) -> dict[str, Any]:
     """Evaluate; returns the metrics (also written as JSON and Markdown under `out`).
 
     `engine` is a `grpc_router.engines.selection.EngineConfig` (in process); `target` (host:port)
-    evaluates a running server instead."""
+    evaluates a running server instead. `drop_examples` routes on the descriptions alone."""
     from grpc_router.settings import EngineConfig
 
     routes = load_routes(routes_path)
+    if drop_examples:
+        routes = without_examples(routes)
     cases = load_cases(set_path, routes, limit)
     engine_cfg = engine if engine is not None else EngineConfig()
     preds: list[Prediction] = []
@@ -365,27 +444,37 @@ async def run_eval(
             if bar is not None:
                 bar.update(len(preds), correct)
 
+    fit = None
     if target:
         await _over_grpc(target, routes, run)
         mode = f"grpc {target}"
     else:
-        await _in_process(routes, engine_cfg, run)
+        fit = await _in_process(routes, engine_cfg, run)
         mode = f"in-process, engine {engine_cfg.kind}"
+    examples = sum(len(r.examples) for r in routes)
     metrics = compute_metrics(cases, preds, routes)
     metrics.update(
         {
             "set": str(set_path),
             "routes": str(routes_path),
+            "examples": examples,
+            "examples_dropped": drop_examples,
             "mode": mode,
             "limit": limit,
+            "other_fit": fit,
         }
     )
     if out is not None:
         engine_tag = sorted(metrics["engines"])[0] if metrics["engines"] else "none"
-        if len(metrics["engines"]) > 1:
+        if (not target and engine_cfg.kind == "cascade") or len(metrics["engines"]) > 1:
             engine_tag = "cascade"
-        stem = f"eval-{set_path.stem}-{engine_tag}"
-        title = f"eval {set_path.name} ({mode}{f', first {limit}' if limit else ''})"
+        suffix = "-no-examples" if drop_examples else ""
+        stem = f"eval-{set_path.stem}{suffix}-{engine_tag}"
+        shown = "descriptions only" if drop_examples or not examples else f"{examples} examples"
+        title = (
+            f"eval {set_path.name} with {routes_path.name}, {shown} "
+            f"({mode}{f', first {limit}' if limit else ''})"
+        )
         _write_report(out, stem, metrics, markdown_report(title, metrics, routes))
         metrics["report"] = str(out / f"{stem}.md")
     return metrics
@@ -458,6 +547,108 @@ async def calibrate_encoder(
     }
 
 
+DEFAULT_QUANTILES = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)
+DEFAULT_THRESHOLDS = (0.15, 0.17, 0.19, 0.21, 0.23, 0.25, 0.27, 0.3)
+
+
+async def other_curve(
+    set_path: Path,
+    routes_path: Path,
+    *,
+    engine: Any = None,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    drop_examples: bool = False,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """The encoder's `other` trade-off on a labelled set: in-scope accuracy and `other` recall
+    with the thresholds fitted (without labels) at each `other_quantile`, and with each fixed
+    threshold. The route scores are computed once; only the thresholds change."""
+    from grpc_router.engines.encoder.engine import EncoderEngine
+    from grpc_router.engines.encoder.fit import fit_other
+    from grpc_router.engines.selection import resolve_path
+    from grpc_router.settings import EngineConfig
+
+    cfg = engine if engine is not None else EngineConfig(kind="encoder")
+    settings = cfg.encoder.model_copy(update={"other_threshold": "auto", "lint_on_load": False})
+    enc = EncoderEngine(resolve_path(cfg.encoder_artifact, Path.cwd()), settings)
+    routes = load_routes(routes_path)
+    if drop_examples:
+        routes = without_examples(routes)
+    cases = load_cases(set_path, routes, limit)
+    await enc.start()
+    try:
+        index = await asyncio.to_thread(enc.index, routes)
+        reads = [enc.conversation(c.messages, index) for c in cases]
+    finally:
+        await enc.close()
+    names = [r.name for r in routes]
+    labels = np.asarray([names.index(c.label) if c.label != OTHER_ROUTE else -1 for c in cases])
+    top = np.asarray([int(np.argmax(r.scores)) for r in reads])
+    # `other` wins when no turn read scores the best route at its threshold (the engine's rule).
+    best = np.asarray([float(r.evidence[t]) for r, t in zip(reads, top, strict=True)])
+    inside = labels >= 0
+
+    def measure(per_route: Sequence[float]) -> dict[str, float]:
+        answer = np.where(best >= np.asarray(per_route)[top], top, -1)
+        return {
+            "in_scope_accuracy": float(np.mean(answer[inside] == labels[inside])),
+            "other_recall": float(np.mean(answer[~inside] == -1)) if (~inside).any() else math.nan,
+            "accuracy": float(np.mean(answer == labels)),
+        }
+
+    rows: list[dict[str, Any]] = []
+    for q in quantiles:
+        fit = fit_other(len(routes), index.pseudo, settings, q)
+        rows.append(
+            {
+                "mode": "auto",
+                "quantile": q,
+                "source": fit.source,
+                "threshold": fit.threshold,
+                "default": q == settings.other_quantile,
+                **measure(fit.route_thresholds),
+            }
+        )
+        if fit.source != "examples":
+            break  # without examples the quantile changes nothing
+    for t in thresholds:
+        rows.append({"mode": "fixed", "threshold": t, **measure([t] * len(routes))})
+    rows.append({"mode": "off", "threshold": None, **measure([-math.inf] * len(routes))})
+    return {
+        "set": str(set_path),
+        "routes": str(routes_path),
+        "examples": sum(len(r.examples) for r in routes),
+        "cases": len(cases),
+        "other_cases": int((~inside).sum()),
+        "rows": rows,
+    }
+
+
+def curve_markdown(curve: dict[str, Any]) -> str:
+    shown = f"{curve['examples']} examples" if curve["examples"] else "descriptions only"
+    lines = [
+        f"# `other` trade-off: {Path(curve['set']).name} with {Path(curve['routes']).name}, "
+        f"{shown}",
+        "",
+        "| thresholds | quantile | set-level threshold | in-scope accuracy | `other` recall "
+        "| accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in curve["rows"]:
+        if row["mode"] == "auto":
+            what = f"auto ({row['source']}){' (default)' if row['default'] else ''}"
+            quantile = f"{row['quantile']:g}" if row["source"] == "examples" else "–"
+        else:
+            what, quantile = row["mode"], "–"
+        threshold = "–" if row["threshold"] is None else f"{row['threshold']:.3f}"
+        lines.append(
+            f"| {what} | {quantile} | {threshold} | {row['in_scope_accuracy']:.2%} | "
+            f"{_pct(row['other_recall'])} | {row['accuracy']:.2%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _write_report(out: Path, stem: str, metrics: dict[str, Any], markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (
@@ -490,6 +681,16 @@ def _engine_config(args: argparse.Namespace) -> Any:
     return EngineConfig.model_validate(data)
 
 
+def _examples_modes(args: argparse.Namespace) -> list[bool]:
+    """The `drop_examples` values to run: with and without examples (when there are any)."""
+    if args.examples == "with":
+        return [False]
+    if args.examples == "without":
+        return [True]
+    has = any(r.examples for r in load_routes(args.routes))
+    return [False, True] if has else [False]
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -512,16 +713,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 "values in the config to use them."
             )
             return 0
-        metrics = asyncio.run(
-            run_eval(
-                args.set,
-                args.routes,
-                engine=engine,
-                target=args.target,
-                limit=args.limit,
-                out=args.out,
+        modes = _examples_modes(args)
+        if args.other_curve:
+            for drop in modes:
+                curve = asyncio.run(
+                    other_curve(
+                        args.set, args.routes, engine=engine, drop_examples=drop, limit=args.limit
+                    )
+                )
+                markdown = curve_markdown(curve)
+                stem = f"other-curve-{args.set.stem}{'-no-examples' if drop else ''}"
+                if args.out is not None:
+                    _write_report(args.out, stem, curve, markdown)
+                print(markdown)
+            return 0
+        runs = [
+            asyncio.run(
+                run_eval(
+                    args.set,
+                    args.routes,
+                    engine=engine,
+                    target=args.target,
+                    limit=args.limit,
+                    out=args.out,
+                    drop_examples=drop,
+                )
             )
-        )
+            for drop in modes
+        ]
     except EvalDataError as e:
         print(f"grpc-router eval: {e}", file=sys.stderr)
         print("Fix the file (format: data/eval/README.md) and run again.", file=sys.stderr)
@@ -532,10 +751,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     except RouterError as e:
         print(f"grpc-router eval: {e}", file=sys.stderr)
         return 1
-    report = Path(metrics["report"]).read_text(encoding="utf-8") if "report" in metrics else ""
-    print(report.split("## Per route")[0].rstrip())
-    if "report" in metrics:
-        print(f"\nwritten: {metrics['report']} and .json")
+    for metrics in runs:
+        report = Path(metrics["report"]).read_text(encoding="utf-8") if "report" in metrics else ""
+        print(report.split("## Per route")[0].rstrip())
+        if "report" in metrics:
+            print(f"\nwritten: {metrics['report']} and .json\n")
     return 0
 
 
@@ -569,5 +789,19 @@ def register_eval(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="QUANTILE",
         help="encoder only: print the NLL-fitted temperature and the other_threshold at this "
         "quantile of in-scope best scores (default 0.02) instead of evaluating",
+    )
+    p.add_argument(
+        "--examples",
+        choices=("both", "with", "without"),
+        default="both",
+        help="route with the routes file's examples, without them (descriptions only), or "
+        "both, one report each (default; one run when the file has no examples)",
+    )
+    p.add_argument(
+        "--other-curve",
+        action="store_true",
+        help="encoder only: instead of evaluating, print the `other` trade-off: in-scope "
+        "accuracy and other recall with the thresholds fitted at several other_quantile "
+        "values, and with fixed thresholds (reports/other-curve-<set>.md)",
     )
     p.set_defaults(func=_cmd_eval)

@@ -152,7 +152,32 @@ class RouterServicer(pb_grpc.RouterServiceServicer):
     async def ListRoutes(
         self, request: pb.ListRoutesRequest, context: Context
     ) -> pb.ListRoutesResponse:
-        return list_routes_pb(self._router.config, self._router.engine.name)
+        import asyncio
+
+        cfg = self._router.config
+        response = list_routes_pb(cfg, self._router.engine.name)
+        # The encoder's `other` thresholds for the configured route set (fitted when its index
+        # is built, at start and on reload); engines without thresholds leave the fields unset.
+        thresholds = getattr(self._router.engine, "other_thresholds", None)
+        if not callable(thresholds):
+            return response
+        try:
+            fit = await asyncio.to_thread(thresholds, cfg.route_specs())
+        except Exception as e:  # not started yet, or the route set failed: list without them
+            logs.annotate(other_thresholds=f"unavailable: {type(e).__name__}")
+            return response
+        if fit is None:
+            return response
+        response.other_threshold_mode = fit.mode
+        response.other_threshold_source = fit.source
+        if fit.threshold is not None:
+            response.other_threshold = fit.threshold
+        for route, value, examples in zip(
+            response.routes, fit.route_thresholds, fit.route_examples, strict=False
+        ):
+            route.other_threshold = value
+            route.other_threshold_examples = examples
+        return response
 
 
 def list_routes_pb(cfg: AppConfig, engine: str) -> pb.ListRoutesResponse:

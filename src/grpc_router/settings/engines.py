@@ -180,17 +180,48 @@ class EncoderSettings(BaseModel):
         "far (in route score) ahead of the second: a self-contained request or a topic switch "
         "decides on its own, older turns are embedded only when needed. None reads them all.",
     )
-    # Both calibrated with `grpc-router eval --calibrate` on CLINC150 val + SGD dev pooled:
-    # the NLL-optimal temperature, and the 1% quantile of in-scope best route scores (at most
-    # ~1% of in-scope traffic is given up to `other`).
+    # Calibrated with `grpc-router eval --calibrate` on CLINC150 val + SGD dev pooled: the
+    # NLL-optimal temperature.
     temperature: float = Field(
         default=0.035, gt=0.0, description="Softmax temperature that makes scores probabilities."
     )
-    other_threshold: float | None = Field(
-        default=0.17,
-        description="Route score below which `other` wins; None never answers `other`.",
+    other_threshold: float | Literal["auto"] | None = Field(
+        default="auto",
+        description='Route score below which `other` wins. "auto" fits it to each route set '
+        "when its index is built, without labels, from the set's own texts scored with each "
+        "left out (a threshold per route where the route has examples); a number is a fixed "
+        "threshold for every route set (an override); None never answers `other`.",
+    )
+    other_quantile: float = Field(
+        default=0.0025,
+        ge=0.0,
+        lt=0.5,
+        description='"auto": the quantile of the examples\' leave-one-out own-route scores '
+        "(how requests about a route score) that becomes the threshold; higher answers "
+        "`other` more often. With a few dozen examples per route it is about the score of "
+        "the least typical one. Descriptions-only sets do not use it.",
+    )
+    other_prior_examples: float = Field(
+        default=20.0,
+        gt=0.0,
+        description='"auto": how many examples weigh as much as the prior: a route with n '
+        "examples moves its threshold n / (n + this) of the way from the set's to its own "
+        "examples' quantile, and the set's from the background (the score of the set's texts "
+        "for routes they do not belong to) to all examples' quantile.",
     )
     route_set_cache: int = Field(default=64, ge=1, description="Route sets kept embedded.")
+    route_set_cache_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="Bound in bytes of the route sets kept embedded (their phrase and token "
+        "embeddings, fitted thresholds and lint); least recently used sets go first, and a "
+        "set larger than the bound is used but not kept. Both this and route_set_cache hold.",
+    )
+    lint_on_load: bool = Field(
+        default=True,
+        description="Log a warning when a route set whose index is built has overlapping "
+        "routes, misplaced examples or vague descriptions (`grpc-router lint`).",
+    )
     text_cache: int = Field(default=4096, ge=0, description="Turn embeddings kept (LRU).")
     warmup: bool = Field(default=True, description="Embed one text at start.")
 

@@ -82,8 +82,11 @@ class EmbeddingModel:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def embed(self, text: str) -> tuple[Embedding, bool]:
-        """(embedding, whether it came from the cache)."""
+    def embed(self, text: str, *, cache: bool = True) -> tuple[Embedding, bool]:
+        """(embedding, whether it came from the cache). `cache=False` neither reads nor fills
+        the cache (for texts whose embeddings the caller keeps, such as a route index's)."""
+        if not cache:
+            return self._run(text), False
         with self._lock:
             hit = self._cache.get(text)
             if hit is not None:

@@ -10,65 +10,63 @@ weaker), each turn weighted further by how strongly it matches any route, so tha
 adds little. Reading stops as soon as the best route leads by `context_margin`: a request that is
 clear on its own decides alone (faster, and a topic switch is not dragged back to the old topic).
 
-Probabilities: a softmax over route scores plus an `other` logit at `other_threshold`, at a
-temperature calibrated on labelled data (`grpc-router eval --calibrate`).
+Probabilities: a softmax over route scores plus an `other` logit at the best route's `other`
+threshold, at a temperature calibrated on labelled data (`grpc-router eval --calibrate`). The
+thresholds are fitted to each route set, without labels, when its index is built
+(`grpc_router.engines.encoder.fit`); the same pass lints the set (`lint`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import structlog
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-from grpc_router.engines.encoder.embedding import Embedding, EmbeddingModel
-from grpc_router.engines.encoder.phrases import bm25_table, humanize, split_phrases, terms
+from grpc_router.engines.encoder.embedding import EmbeddingModel
+from grpc_router.engines.encoder.fit import OtherFit, fit_other, pseudo_scores
+from grpc_router.engines.encoder.lint import Finding, lint_index
+from grpc_router.engines.encoder.phrases import Bm25
+from grpc_router.engines.encoder.scoring import (
+    Conversation,
+    RouteIndex,
+    Scores,
+    conversation_scores,
+    lexical_documents,
+    lexical_scores,
+    probabilities,
+    route_texts,
+    score_margin,
+    text_scores,
+)
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
 from grpc_router.settings.engines import EncoderSettings
 from grpc_router.types import OTHER_ROUTE, Decision, Message, Role, RouteSpec, route_set_key
 
 log = structlog.get_logger(__name__)
 
-Scores = npt.NDArray[np.float64]
-
-
-@dataclass(frozen=True, slots=True)
-class RouteIndex:
-    """The embedded form of one route set."""
-
-    names: tuple[str, ...]
-    whole: npt.NDArray[np.float32]
-    """(routes, dim): "name: description"."""
-    phrases: npt.NDArray[np.float32]
-    """(phrases, dim), all routes' phrases and examples."""
-    slots: npt.NDArray[np.intp]
-    """(routes, most phrases of a route): index into `phrases`, -1 where a route has fewer."""
-    counts: npt.NDArray[np.intp]
-    phrase_tokens: npt.NDArray[np.float32]
-    """(all phrases' tokens, dim), phrase after phrase."""
-    token_starts: npt.NDArray[np.intp]
-    """(phrases,) offset of each phrase's first row in `phrase_tokens`."""
-    token_counts: npt.NDArray[np.float64]
-    lexical: dict[str, npt.NDArray[np.float64]]
-    """term -> (routes,) BM25 weight (`phrases.bm25_table`)."""
-
-
-def route_texts(route: RouteSpec) -> tuple[str, list[str]]:
-    """("name: description", phrases + examples) of a route."""
-    name = humanize(route.name)
-    whole = f"{name}: {route.description}" if route.description else name
-    phrases = split_phrases(route.description) or [name]
-    return whole, list(dict.fromkeys([*phrases, *route.examples]))
+__all__ = [
+    "Conversation",
+    "EncoderEngine",
+    "RouteIndex",
+    "Scores",
+    "context_turns",
+    "conversation_scores",
+    "lexical_scores",
+    "probabilities",
+    "route_texts",
+    "score_margin",
+    "text_scores",
+    "validate_routes",
+]
 
 
 def validate_routes(routes: Sequence[RouteSpec]) -> None:
@@ -102,78 +100,27 @@ def context_turns(
     return turns[::-1][:limit]
 
 
-def text_scores(
-    index: RouteIndex, raw: Sequence[str], texts: Sequence[Embedding], s: EncoderSettings
-) -> Scores:
-    """(texts, routes) route scores of each text (`raw`) and its embedding (`texts`)."""
-    vectors = np.stack([t.vector for t in texts])
-    sims = (vectors @ index.phrases.T).astype(np.float64)
-    if s.token_weight > 0:
-        for i, text in enumerate(texts):
-            best_token = (index.phrase_tokens @ text.tokens.T).max(axis=1)
-            per_phrase = np.add.reduceat(best_token, index.token_starts) / index.token_counts
-            sims[i] += s.token_weight * per_phrase
-    padded = np.where(index.slots >= 0, sims[:, index.slots], -np.inf)
-    best = -np.sort(-padded, axis=2)
-    k = np.minimum(index.counts, s.phrase_top_k)
-    rank = np.arange(best.shape[2])
-    top = np.where(rank[None, None, :] < k[None, :, None], best, 0.0).sum(axis=2) / k
-    whole = (vectors @ index.whole.T).astype(np.float64)
-    w = s.description_weight
-    result: Scores = (top + w * whole) / (1.0 + s.token_weight + w)
-    if s.lexical_weight > 0:
-        result += s.lexical_weight * lexical_scores(index, raw)
-    return result
-
-
-def lexical_scores(index: RouteIndex, raw: Sequence[str]) -> Scores:
-    """(texts, routes) BM25 scores. Exact words are evidence the embedding can miss in long
-    prose descriptions ("bus", "therapist"); the weight stays small because shared words are
-    also what confuses list-style routes ("card" in banking and credit cards)."""
-    out = np.zeros((len(raw), len(index.names)))
-    for i, text in enumerate(raw):
-        for term in set(terms(text)):
-            row = index.lexical.get(term)
-            if row is not None:
-                out[i] += row
-    return out
-
-
-def score_margin(scores: Scores) -> float:
-    """Best minus second-best route score (inf with one route)."""
-    if scores.size < 2:
-        return math.inf
-    top = np.partition(scores, scores.size - 2)[-2:]
-    return float(top[1] - top[0])
-
-
-def conversation_scores(
-    roles: Sequence[Role], per_text: Scores, s: EncoderSettings
-) -> tuple[Scores, Scores]:
-    """Combine per-turn route scores (latest first) into one row; returns (scores, weights)."""
-    base = np.empty(len(roles))
-    users_seen = 0
-    for i, role in enumerate(roles):
-        if role is Role.USER:
-            base[i] = s.context_decay**users_seen
-            users_seen += 1
-        else:
-            base[i] = s.assistant_weight * s.context_decay**users_seen
-    best = per_text.max(axis=1)
-    weights = base * np.exp((best - best.max()) / s.context_sharpness)
-    weights /= weights.sum()
-    combined: Scores = weights @ per_text
-    return combined, weights
-
-
-def probabilities(scores: Scores, s: EncoderSettings) -> Scores:
-    """Softmax over routes plus `other` (last)."""
-    other = s.other_threshold if s.other_threshold is not None else -math.inf
-    logits = np.append(scores, other) / s.temperature
-    logits -= logits.max()
-    p = np.exp(logits)
-    result: Scores = p / p.sum()
-    return result
+def index_nbytes(index: RouteIndex) -> int:
+    """About how many bytes an index holds: its arrays, BM25 table, texts and fit."""
+    arrays = sum(
+        a.nbytes
+        for a in (
+            index.whole,
+            index.phrases,
+            index.slots,
+            index.counts,
+            index.phrase_tokens,
+            index.token_starts,
+            index.token_counts,
+            index.owners,
+            index.is_example,
+        )
+    )
+    # A dict entry, its key and a small numpy array cost about 200 bytes beyond the data.
+    lexical = sum(len(k) + v.nbytes + 200 for k, v in index.lexical.items())
+    texts = sum(len(t.encode()) + 50 for t in index.texts)
+    pseudo = index.pseudo.nbytes if index.pseudo is not None else 0
+    return int(arrays + lexical + texts + pseudo + 64 * len(index.findings))
 
 
 class EncoderEngine:
@@ -187,6 +134,7 @@ class EncoderEngine:
         self._start_lock = asyncio.Lock()
         self._index_lock = threading.Lock()
         self._indexes: OrderedDict[str, RouteIndex] = OrderedDict()
+        self._index_bytes = 0
         self._executor: ThreadPoolExecutor | None = None
         self._turn_pool: ThreadPoolExecutor | None = None
         self._blas_limit: threadpool_limits | None = None
@@ -260,9 +208,10 @@ class EncoderEngine:
         start = time.perf_counter()
         index = self.index(routes)
         t_index = time.perf_counter()
-        scores, tokens, cached = self.raw_scores(messages, index)
+        read = self.conversation(messages, index)
+        scores, tokens, cached = read.scores, read.tokens, read.cached
         s = self._settings
-        p = probabilities(scores, s)
+        p = probabilities(scores, s.temperature, index.other_logit(read))
         names = [*index.names, OTHER_ROUTE]
         best = int(p.argmax())
         end = time.perf_counter()
@@ -282,6 +231,11 @@ class EncoderEngine:
 
     def raw_scores(self, messages: Sequence[Message], index: RouteIndex) -> tuple[Scores, int, int]:
         """Route scores of a conversation (before the softmax), tokens embedded, tokens cached."""
+        read = self.conversation(messages, index)
+        return read.scores, read.tokens, read.cached
+
+    def conversation(self, messages: Sequence[Message], index: RouteIndex) -> Conversation:
+        """A conversation's route scores, with the scores of each turn read."""
         assert self._model is not None
         s = self._settings
         roles = (Role.USER, Role.ASSISTANT) if s.assistant_weight > 0 else (Role.USER,)
@@ -308,12 +262,14 @@ class EncoderEngine:
                 combined, _ = conversation_scores(turn_roles[: j + 1], np.stack(rows), s)
                 if score_margin(combined) >= s.context_margin:
                     break
+            per_text = np.stack(rows)
         tokens = sum(found.token_count for found, _ in results)
         cached = sum(found.token_count for found, hit in results if hit)
-        return combined, tokens, cached
+        return Conversation(combined, per_text, tokens, cached)
 
     def index(self, routes: Sequence[RouteSpec]) -> RouteIndex:
-        """The route set's embeddings, from the cache or computed now."""
+        """The route set's embeddings, `other` thresholds and lint, from the cache or built
+        now (and cached within `route_set_cache` sets and `route_set_cache_bytes`)."""
         assert self._model is not None
         key = route_set_key(routes)
         with self._index_lock:
@@ -321,38 +277,127 @@ class EncoderEngine:
             if found is not None:
                 self._indexes.move_to_end(key)
                 return found
-        wholes, phrase_texts, owners = [], [], []
+        index = self.build_index(routes)
+        self._keep(key, index)
+        return index
+
+    def build_index(self, routes: Sequence[RouteSpec], *, lint: bool | None = None) -> RouteIndex:
+        """Embed a route set, fit its `other` thresholds and lint it (`lint`: None as
+        `lint_on_load` says); the index is not cached."""
+        assert self._model is not None
+        s = self._settings
+        lint = s.lint_on_load if lint is None else lint
+        start = time.perf_counter()
+        wholes, phrase_texts, owners, examples = [], [], [], []
         for i, route in enumerate(routes):
-            whole, texts = route_texts(route)
+            whole, texts, n_phrases = route_texts(route)
             wholes.append(whole)
             phrase_texts += texts
             owners += [i] * len(texts)
-        counts = np.bincount(np.asarray(owners), minlength=len(routes)).astype(np.intp)
+            examples += [False] * n_phrases + [True] * (len(texts) - n_phrases)
+        owner_ids = np.asarray(owners, dtype=np.intp)
+        counts = np.bincount(owner_ids, minlength=len(routes)).astype(np.intp)
         slots = np.full((len(routes), int(counts.max())), -1, dtype=np.intp)
         fill = np.zeros(len(routes), dtype=np.intp)
         for j, owner in enumerate(owners):
             slots[owner, fill[owner]] = j
             fill[owner] += 1
-        phrases = self._model.embed_many(phrase_texts)
+        # The index keeps these embeddings itself: they do not go through the turn cache.
+        phrases = [self._model.embed(t, cache=False)[0] for t in phrase_texts]
         token_counts = np.asarray([len(p.tokens) for p in phrases], dtype=np.intp)
+        bm25 = Bm25(lexical_documents(routes, wholes))
         index = RouteIndex(
             names=tuple(r.name for r in routes),
-            whole=np.stack([e.vector for e in self._model.embed_many(wholes)]),
+            whole=np.stack([self._model.embed(w, cache=False)[0].vector for w in wholes]),
             phrases=np.stack([p.vector for p in phrases]),
             slots=slots,
             counts=counts,
             phrase_tokens=np.concatenate([p.tokens for p in phrases]),
             token_starts=np.concatenate([[0], np.cumsum(token_counts)[:-1]]).astype(np.intp),
             token_counts=token_counts.astype(np.float64),
-            lexical=bm25_table(
-                [" ".join([whole, *r.examples]) for whole, r in zip(wholes, routes, strict=True)]
-            ),
+            lexical=bm25.table(),
+            texts=tuple(phrase_texts),
+            owners=owner_ids,
+            is_example=np.asarray(examples, dtype=bool),
         )
-        with self._index_lock:
-            self._indexes[key] = index
-            while len(self._indexes) > self._settings.route_set_cache:
-                self._indexes.popitem(last=False)
+        t_embed = time.perf_counter()
+        pseudo = None
+        if s.other_threshold == "auto" or lint:
+            pseudo = pseudo_scores(index, bm25, s)
+        other = fit_other(len(routes), pseudo, s)
+        index = replace(index, other=other, pseudo=pseudo)
+        findings = tuple(lint_index(index)) if lint else ()
+        index = replace(index, findings=findings, nbytes=index_nbytes(index))
+        end = time.perf_counter()
+        log.info(
+            "encoder route set fitted",
+            routes=len(routes),
+            texts=len(phrase_texts),
+            **other.summary(index.names),
+            embed_ms=round((t_embed - start) * 1e3, 1),
+            fit_ms=round((end - t_embed) * 1e3, 1),
+            bytes=index.nbytes,
+        )
+        if findings:
+            log.warning(
+                "route set lint: overlapping or vague routes (run `grpc-router lint` on the "
+                "routes for the details)",
+                findings=len(findings),
+                first=[f.line() for f in findings[:8]],
+            )
         return index
+
+    def _keep(self, key: str, index: RouteIndex) -> None:
+        s = self._settings
+        with self._index_lock:
+            if key in self._indexes:
+                self._indexes.move_to_end(key)
+                return
+            if index.nbytes > s.route_set_cache_bytes:
+                log.warning(
+                    "route set larger than engine.encoder.route_set_cache_bytes: used, not kept",
+                    bytes=index.nbytes,
+                    bound=s.route_set_cache_bytes,
+                )
+                return
+            self._indexes[key] = index
+            self._index_bytes += index.nbytes
+            while (
+                len(self._indexes) > s.route_set_cache
+                or self._index_bytes > s.route_set_cache_bytes
+            ):
+                _, dropped = self._indexes.popitem(last=False)
+                self._index_bytes -= dropped.nbytes
+
+    @property
+    def cached_route_sets(self) -> tuple[int, int]:
+        """(route sets kept, their bytes)."""
+        with self._index_lock:
+            return len(self._indexes), self._index_bytes
+
+    def other_thresholds(self, routes: Sequence[RouteSpec]) -> OtherFit:
+        """The `other` thresholds in force for `routes` (building the index if needed)."""
+        return self._require_index(routes).other or fit_other(len(routes), None, self._settings)
+
+    def lint(self, routes: Sequence[RouteSpec]) -> tuple[Finding, ...]:
+        """What the lint flags in `routes` (from the cached index when it was linted)."""
+        index = self._require_index(routes)
+        if self._settings.lint_on_load:
+            return index.findings
+        if index.pseudo is None:
+            return self.build_index(routes, lint=True).findings
+        return tuple(lint_index(index))
+
+    def _require_index(self, routes: Sequence[RouteSpec]) -> RouteIndex:
+        if self._model is None:
+            raise EngineUnavailable("encoder engine is not started")
+        validate_routes(routes)
+        return self.index(routes)
+
+    async def prepare(self, routes: Sequence[RouteSpec]) -> OtherFit:
+        """Build (or find) the route set's index off the event loop: embeddings, `other`
+        thresholds, lint warnings. Returns the thresholds."""
+        return await asyncio.to_thread(self.other_thresholds, routes)
 
     async def close(self) -> None:
         self._ready = False
@@ -366,3 +411,6 @@ class EncoderEngine:
             self._blas_limit.restore_original_limits()
             self._blas_limit = None
         self._model = None
+        with self._index_lock:
+            self._indexes.clear()
+            self._index_bytes = 0

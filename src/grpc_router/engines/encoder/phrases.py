@@ -98,16 +98,62 @@ def bm25_table(documents: Sequence[str]) -> dict[str, npt.NDArray[np.float64]]:
     """term -> (documents,) BM25 weight of the term in each document (Okapi BM25; idf over the
     documents given, so a term found in every route's text weighs almost nothing). A text's
     score for each document is the sum of the rows of its distinct terms."""
-    docs = [terms(d) for d in documents]
-    n = len(docs)
-    avg = max(sum(len(d) for d in docs) / max(n, 1), 1.0)
-    table: dict[str, npt.NDArray[np.float64]] = {}
-    for j, doc in enumerate(docs):
-        norm = BM25_K1 * (1 - BM25_B + BM25_B * len(doc) / avg)
-        for term, tf in Counter(doc).items():
-            row = table.setdefault(term, np.zeros(n))
-            row[j] = tf * (BM25_K1 + 1) / (tf + norm)
-    for row in table.values():
-        df = int(np.count_nonzero(row))
-        row *= math.log(1 + (n - df + 0.5) / (df + 0.5))
-    return table
+    return Bm25(documents).table()
+
+
+class Bm25:
+    """Okapi BM25 over a few documents (one per route), kept as term counts so that a score can
+    also be computed with part of one document taken out (leave-one-out, `row(minus=...)`)."""
+
+    def __init__(self, documents: Sequence[str]) -> None:
+        self.counts = [Counter(terms(d)) for d in documents]
+        self.lengths = np.asarray([sum(c.values()) for c in self.counts], dtype=np.float64)
+        self.df: Counter[str] = Counter()
+        for c in self.counts:
+            self.df.update(c.keys())
+
+    def table(self) -> dict[str, npt.NDArray[np.float64]]:
+        """term -> (documents,) weight: what `bm25_table` returns."""
+        n = len(self.counts)
+        avg = max(float(self.lengths.sum()) / max(n, 1), 1.0)
+        table: dict[str, npt.NDArray[np.float64]] = {}
+        for j, doc in enumerate(self.counts):
+            norm = BM25_K1 * (1 - BM25_B + BM25_B * self.lengths[j] / avg)
+            for term, tf in doc.items():
+                row = table.setdefault(term, np.zeros(n))
+                row[j] = tf * (BM25_K1 + 1) / (tf + norm)
+        for term, row in table.items():
+            row *= _idf(n, self.df[term])
+        return table
+
+    def row(
+        self, query: Sequence[str], minus: tuple[int, Counter[str]] | None = None
+    ) -> npt.NDArray[np.float64]:
+        """(documents,) score of the distinct `query` terms, as `lexical_scores` sums them;
+        `minus=(doc, counts)` takes those term counts out of that document first."""
+        n = len(self.counts)
+        lengths = self.lengths
+        owner, removed = minus if minus is not None else (-1, Counter[str]())
+        if minus is not None:
+            lengths = lengths.copy()
+            lengths[owner] -= sum(removed.values())
+        avg = max(float(lengths.sum()) / max(n, 1), 1.0)
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * lengths / avg)
+        out = np.zeros(n)
+        for term in set(query):
+            df = self.df.get(term, 0)
+            if not df:
+                continue
+            tf = np.asarray([c.get(term, 0) for c in self.counts], dtype=np.float64)
+            if minus is not None and removed.get(term):
+                had = tf[owner] > 0
+                tf[owner] = max(tf[owner] - removed[term], 0.0)
+                df -= int(had and tf[owner] == 0)
+            if not df:
+                continue
+            out += _idf(n, df) * tf * (BM25_K1 + 1) / (tf + norm)
+        return out
+
+
+def _idf(n: int, df: int) -> float:
+    return math.log(1 + (n - df + 0.5) / (df + 0.5))

@@ -1,0 +1,185 @@
+"""Route-set lint: what in a route set will make the encoder hesitate or answer wrongly.
+
+Everything is read off the route set's own index, with the same leave-one-out scores that fit
+the `other` thresholds (`fit.pseudo_scores`): each description phrase and example scored as a
+request against the set, itself left out.
+
+- **overlap** (a pair of routes): their descriptions are close (cosine of the "name:
+  description" embeddings at least `DESCRIPTION_SIMILARITY`), or phrases or examples of one
+  collide with the other's (cosine at least `COLLISION`), or at least `CROSSOVER` of one route's
+  texts (two or more) score the other route highest: requests like them will go there.
+- **example_elsewhere**: an example that, left out, scores another route higher than its own: a
+  request like it will go there.
+- **vague** (a route): its own texts, left out, barely prefer it: the margin of their score for
+  the route over their score for each other route (median over its texts), taken at the median
+  over the other routes, is below `VAGUE_MARGIN`. Such a description does not say what sets the
+  route apart from any other (where overlap is about one other route).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from grpc_router.engines.encoder.scoring import RouteIndex
+
+DESCRIPTION_SIMILARITY = 0.7
+"""Cosine between two routes' "name: description" embeddings from which they overlap."""
+COLLISION = 0.75
+"""Cosine between a phrase or example of one route and one of another from which they collide
+(paraphrases score about 0.75 and up with all-MiniLM-L6-v2)."""
+CROSSOVER = 0.5
+"""Share of a route's texts (at least two) whose best route is another one, from which the pair
+overlaps."""
+VAGUE_MARGIN = 0.05
+"""Route-score margin (median over the other routes) under which a route's own texts do not
+separate it from the others."""
+MAX_PAIRS = 3
+"""Colliding text pairs reported per overlap."""
+
+Kind = Literal["overlap", "example_elsewhere", "vague"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing the lint flags."""
+
+    kind: Kind
+    routes: tuple[str, ...]
+    """overlap: the pair; example_elsewhere: (its route, the route it goes to); vague: one."""
+    score: float
+    """overlap: the strongest similarity (description or text pair); example_elsewhere: how
+    much higher the other route scores; vague: the margin (lower is vaguer)."""
+    message: str
+    """One sentence saying what was found."""
+    pairs: tuple[tuple[str, str, float], ...] = ()
+    """overlap: colliding (text of the first route, text of the second, cosine)."""
+    text: str = ""
+    """example_elsewhere: the example."""
+    details: dict[str, float] = field(default_factory=dict)
+    """The measures behind the finding, rounded."""
+
+    def line(self) -> str:
+        """A short single-line form for logs."""
+        return f"{self.kind} {'/'.join(self.routes)}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "routes": list(self.routes),
+            "score": round(self.score, 4),
+            "message": self.message,
+            "pairs": [{"a": a, "b": b, "similarity": round(s, 4)} for a, b, s in self.pairs],
+            "text": self.text,
+            "details": self.details,
+        }
+
+
+def lint_index(index: RouteIndex) -> Iterator[Finding]:
+    """Findings for a route set whose index holds its pseudo-query scores; overlaps first, then
+    vague routes, then examples that go elsewhere (each group strongest first)."""
+    pseudo = index.pseudo
+    if pseudo is None or len(index.names) < 2:
+        return
+    names = index.names
+    n_routes = len(names)
+    scores, owner, own = pseudo.scores, pseudo.owner, pseudo.own
+    texts = np.asarray(index.texts, dtype=object)
+    whole = (index.whole @ index.whole.T).astype(np.float64)
+    phrase_sims = (index.phrases @ index.phrases.T).astype(np.float64)
+    # crossover[a, b]: share of a's scored texts whose best route is b.
+    crossover = np.zeros((n_routes, n_routes))
+    scored = np.bincount(owner, minlength=n_routes)
+    best = scores.argmax(axis=1)
+    for a in range(n_routes):
+        mine = owner == a
+        if mine.any():
+            crossover[a] = np.bincount(best[mine], minlength=n_routes) / mine.sum()
+    overlaps = []
+    for a in range(n_routes):
+        for b in range(a + 1, n_routes):
+            ia = np.flatnonzero(index.owners == a)
+            ib = np.flatnonzero(index.owners == b)
+            block = phrase_sims[np.ix_(ia, ib)]
+            hits = np.argwhere(block >= COLLISION)
+            strongest = hits[np.argsort(-block[hits[:, 0], hits[:, 1]])][:MAX_PAIRS]
+            pairs = tuple(
+                (str(texts[ia[i]]), str(texts[ib[j]]), float(block[i, j])) for i, j in strongest
+            )
+            cross_ab = crossover[a, b] if scored[a] >= 2 else 0.0
+            cross_ba = crossover[b, a] if scored[b] >= 2 else 0.0
+            similar = float(whole[a, b])
+            if not (
+                pairs or similar >= DESCRIPTION_SIMILARITY or max(cross_ab, cross_ba) >= CROSSOVER
+            ):
+                continue
+            reasons = []
+            if similar >= DESCRIPTION_SIMILARITY:
+                reasons.append(f"descriptions {similar:.2f} similar")
+            if pairs:
+                reasons.append(
+                    f"{len(hits)} text pair(s) collide, e.g. {pairs[0][0]!r} ~ {pairs[0][1]!r} "
+                    f"({pairs[0][2]:.2f})"
+                )
+            for src, dst, share in ((a, b, cross_ab), (b, a, cross_ba)):
+                if share >= CROSSOVER:
+                    reasons.append(
+                        f"{share:.0%} of {names[src]}'s texts score {names[dst]} highest"
+                    )
+            overlaps.append(
+                Finding(
+                    "overlap",
+                    (names[a], names[b]),
+                    max(similar, pairs[0][2] if pairs else 0.0),
+                    "; ".join(reasons),
+                    pairs=pairs,
+                    details={
+                        "description_similarity": round(similar, 4),
+                        "crossover_ab": round(float(cross_ab), 4),
+                        "crossover_ba": round(float(cross_ba), 4),
+                    },
+                )
+            )
+    yield from sorted(overlaps, key=lambda f: -f.score)
+    vague = []
+    for a in range(n_routes):
+        mine = owner == a
+        if not mine.any():
+            continue
+        margins = [float(np.median(own[mine] - scores[mine, b])) for b in range(n_routes) if b != a]
+        margin = float(np.median(margins))
+        if margin < VAGUE_MARGIN:
+            vague.append(
+                Finding(
+                    "vague",
+                    (names[a],),
+                    margin,
+                    f"its own texts score it only {margin:.2f} above the other routes (median): "
+                    "say what sets it apart, or add examples",
+                    details={"margin": round(margin, 4), "least": round(min(margins), 4)},
+                )
+            )
+    yield from sorted(vague, key=lambda f: f.score)
+    elsewhere = []
+    for i in np.flatnonzero(pseudo.is_example):
+        a = int(owner[i])
+        others = scores[i].copy()
+        others[a] = -np.inf
+        b = int(np.argmax(others))
+        if others[b] > own[i]:
+            gap = float(others[b] - own[i])
+            elsewhere.append(
+                Finding(
+                    "example_elsewhere",
+                    (names[a], names[b]),
+                    gap,
+                    f"left out, it scores {names[b]} {others[b]:.2f} against {names[a]} "
+                    f"{own[i]:.2f}",
+                    text=str(texts[pseudo.phrase[i]]),
+                    details={"own": round(float(own[i]), 4), "other": round(float(others[b]), 4)},
+                )
+            )
+    yield from sorted(elsewhere, key=lambda f: -f.score)
