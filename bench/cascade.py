@@ -27,7 +27,7 @@ import numpy as np
 from grpc_router.engines.arch_router.engine import ArchRouterEngine
 from grpc_router.engines.cascade import CascadeEngine, probability_margin
 from grpc_router.engines.encoder.engine import EncoderEngine
-from grpc_router.evaluate.runner import EvalCase, load_cases, load_routes
+from grpc_router.evaluate import EvalCase, load_cases, load_routes
 from grpc_router.settings import ArchRouterSettings, EncoderSettings
 from grpc_router.types import RouteSpec
 from tests.fixtures.checkpoints import ensure_full_shape_artifact

@@ -13,8 +13,8 @@ import grpc
 from google.protobuf import json_format
 
 from grpc_router.errors import RouterError
+from grpc_router.evaluate.command import register_eval
 from grpc_router.evaluate.lint import register_lint
-from grpc_router.evaluate.runner import register_eval
 from grpc_router.settings import ConfigError
 from grpc_router.types import Message, Role
 

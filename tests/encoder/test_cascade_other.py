@@ -16,7 +16,7 @@ import pytest
 from grpc_router.engines.arch_router.engine import ArchRouterEngine
 from grpc_router.engines.cascade import CascadeEngine, probability_margin
 from grpc_router.engines.encoder.engine import EncoderEngine
-from grpc_router.evaluate.runner import compute_metrics, other_curve, run_eval
+from grpc_router.evaluate import compute_metrics, other_curve, run_eval
 from grpc_router.settings import EncoderSettings, EngineConfig
 from grpc_router.types import OTHER_ROUTE, Message, Role, RouteSpec
 
@@ -128,7 +128,7 @@ def test_eval_reports_each_paths_share_and_accuracy(
 
 
 def test_path_metrics_arithmetic() -> None:
-    from grpc_router.evaluate.runner import EvalCase, Prediction
+    from grpc_router.evaluate import EvalCase, Prediction
 
     routes = [RouteSpec("a", "A"), RouteSpec("b", "B")]
     rows = [("a", "a", "encoder"), ("b", "a", "encoder"), (OTHER_ROUTE, OTHER_ROUTE, "encoder"),

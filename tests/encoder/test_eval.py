@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from grpc_router.evaluate.runner import compute_metrics, route_name, run_eval
+from grpc_router.evaluate import compute_metrics, route_name, run_eval
 from grpc_router.settings import EngineConfig
 from grpc_router.types import OTHER_ROUTE, RouteSpec
 from tests.fixtures.paths import eval_dir
@@ -138,7 +138,7 @@ def test_missing_routes_file(tmp_path: Path) -> None:
 
 
 def test_metrics_arithmetic() -> None:
-    from grpc_router.evaluate.runner import EvalCase, Prediction
+    from grpc_router.evaluate import EvalCase, Prediction
 
     routes = [RouteSpec("a", "A"), RouteSpec("b", "B")]
     labels = ["a", "a", "b", OTHER_ROUTE]
@@ -166,7 +166,7 @@ def test_metrics_arithmetic() -> None:
 )
 def test_vendored_sets_load(set_name: str, routes_name: str, cases: int, routes: int) -> None:
     """Every case of data/eval loads and names a route of its routes file (or none)."""
-    from grpc_router.evaluate.runner import load_cases, load_routes
+    from grpc_router.evaluate import load_cases, load_routes
 
     specs = load_routes(eval_dir() / f"{routes_name}.json")
     loaded = load_cases(eval_dir() / f"{set_name}.jsonl", specs, None)
@@ -192,7 +192,7 @@ def test_dev_set_slice(tmp_path: Path, encoder_artifact: Path) -> None:
 
 
 def test_calibrate(tmp_path: Path, encoder_artifact: Path) -> None:
-    from grpc_router.evaluate.runner import calibrate_encoder
+    from grpc_router.evaluate import calibrate_encoder
 
     cases, routes = write_set(tmp_path)
     engine = EngineConfig(kind="encoder", encoder_artifact=encoder_artifact)

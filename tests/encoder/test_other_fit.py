@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from grpc_router.engines.encoder.engine import EncoderEngine
 from grpc_router.engines.encoder.fit import FALLBACK_THRESHOLD, fit_other
-from grpc_router.evaluate.runner import load_routes, without_examples
+from grpc_router.evaluate import load_routes, without_examples
 from grpc_router.settings import EncoderSettings, EngineConfig
 from grpc_router.types import OTHER_ROUTE, Message, Role, RouteSpec
 from tests.fixtures.paths import eval_dir

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
 from grpc_router.engines.encoder.scoring import RouteIndex
+
+if TYPE_CHECKING:
+    from grpc_router.engines.encoder.fit import PseudoScores
 
 DESCRIPTION_SIMILARITY = 0.7
 """Cosine between two routes' "name: description" embeddings from which they overlap."""
@@ -84,66 +88,100 @@ def lint_index(index: RouteIndex) -> Iterator[Finding]:
     pseudo = index.pseudo
     if pseudo is None or len(index.names) < 2:
         return
-    names = index.names
-    n_routes = len(names)
-    scores, owner, own = pseudo.scores, pseudo.owner, pseudo.own
-    texts = np.asarray(index.texts, dtype=object)
-    whole = (index.whole @ index.whole.T).astype(np.float64)
-    phrase_sims = (index.phrases @ index.phrases.T).astype(np.float64)
-    # crossover[a, b]: share of a's scored texts whose best route is b.
+    yield from sorted(_overlaps(index, pseudo), key=lambda f: -f.score)
+    yield from sorted(_vague(index.names, pseudo), key=lambda f: f.score)
+    yield from sorted(_examples_elsewhere(index, pseudo), key=lambda f: -f.score)
+
+
+@dataclass(frozen=True, slots=True)
+class _Similarities:
+    """What the overlap check compares for every pair of routes."""
+
+    texts: npt.NDArray[np.object_]
+    """(phrases,) the index's texts."""
+    whole: npt.NDArray[np.float64]
+    """(routes, routes) cosine of the "name: description" embeddings."""
+    phrases: npt.NDArray[np.float64]
+    """(phrases, phrases) cosine of the phrases and examples."""
+    crossover: npt.NDArray[np.float64]
+    """(routes, routes) [a, b]: share of a's scored texts whose best route is b."""
+    scored: npt.NDArray[np.intp]
+    """(routes,) how many of each route's texts were scored."""
+
+
+def _similarities(index: RouteIndex, pseudo: PseudoScores) -> _Similarities:
+    """The description and text similarities of a route set, and where its texts score best."""
+    n_routes = len(index.names)
     crossover = np.zeros((n_routes, n_routes))
-    scored = np.bincount(owner, minlength=n_routes)
-    best = scores.argmax(axis=1)
+    best = pseudo.scores.argmax(axis=1)
     for a in range(n_routes):
-        mine = owner == a
+        mine = pseudo.owner == a
         if mine.any():
             crossover[a] = np.bincount(best[mine], minlength=n_routes) / mine.sum()
-    overlaps = []
-    for a in range(n_routes):
-        for b in range(a + 1, n_routes):
-            ia = np.flatnonzero(index.owners == a)
-            ib = np.flatnonzero(index.owners == b)
-            block = phrase_sims[np.ix_(ia, ib)]
-            hits = np.argwhere(block >= COLLISION)
-            strongest = hits[np.argsort(-block[hits[:, 0], hits[:, 1]])][:MAX_PAIRS]
-            pairs = tuple(
-                (str(texts[ia[i]]), str(texts[ib[j]]), float(block[i, j])) for i, j in strongest
-            )
-            cross_ab = crossover[a, b] if scored[a] >= 2 else 0.0
-            cross_ba = crossover[b, a] if scored[b] >= 2 else 0.0
-            similar = float(whole[a, b])
-            if not (
-                pairs or similar >= DESCRIPTION_SIMILARITY or max(cross_ab, cross_ba) >= CROSSOVER
-            ):
-                continue
-            reasons = []
-            if similar >= DESCRIPTION_SIMILARITY:
-                reasons.append(f"descriptions {similar:.2f} similar")
-            if pairs:
-                reasons.append(
-                    f"{len(hits)} text pair(s) collide, e.g. {pairs[0][0]!r} ~ {pairs[0][1]!r} "
-                    f"({pairs[0][2]:.2f})"
-                )
-            for src, dst, share in ((a, b, cross_ab), (b, a, cross_ba)):
-                if share >= CROSSOVER:
-                    reasons.append(
-                        f"{share:.0%} of {names[src]}'s texts score {names[dst]} highest"
-                    )
-            overlaps.append(
-                Finding(
-                    "overlap",
-                    (names[a], names[b]),
-                    max(similar, pairs[0][2] if pairs else 0.0),
-                    "; ".join(reasons),
-                    pairs=pairs,
-                    details={
-                        "description_similarity": round(similar, 4),
-                        "crossover_ab": round(float(cross_ab), 4),
-                        "crossover_ba": round(float(cross_ba), 4),
-                    },
-                )
-            )
-    yield from sorted(overlaps, key=lambda f: -f.score)
+    return _Similarities(
+        texts=np.asarray(index.texts, dtype=object),
+        whole=(index.whole @ index.whole.T).astype(np.float64),
+        phrases=(index.phrases @ index.phrases.T).astype(np.float64),
+        crossover=crossover,
+        scored=np.bincount(pseudo.owner, minlength=n_routes),
+    )
+
+
+def _overlaps(index: RouteIndex, pseudo: PseudoScores) -> list[Finding]:
+    """An overlap finding for each pair of routes that overlaps, in pair order."""
+    sims = _similarities(index, pseudo)
+    n_routes = len(index.names)
+    found = (_overlap(index, sims, a, b) for a in range(n_routes) for b in range(a + 1, n_routes))
+    return [f for f in found if f is not None]
+
+
+def _overlap(index: RouteIndex, sims: _Similarities, a: int, b: int) -> Finding | None:
+    """Routes a and b overlap when their descriptions are close, texts of theirs collide, or
+    enough of one's texts score the other highest; None when none of that holds."""
+    names = index.names
+    ia = np.flatnonzero(index.owners == a)
+    ib = np.flatnonzero(index.owners == b)
+    block = sims.phrases[np.ix_(ia, ib)]
+    hits = np.argwhere(block >= COLLISION)
+    strongest = hits[np.argsort(-block[hits[:, 0], hits[:, 1]])][:MAX_PAIRS]
+    pairs = tuple(
+        (str(sims.texts[ia[i]]), str(sims.texts[ib[j]]), float(block[i, j])) for i, j in strongest
+    )
+    cross_ab = sims.crossover[a, b] if sims.scored[a] >= 2 else 0.0
+    cross_ba = sims.crossover[b, a] if sims.scored[b] >= 2 else 0.0
+    similar = float(sims.whole[a, b])
+    if not (pairs or similar >= DESCRIPTION_SIMILARITY or max(cross_ab, cross_ba) >= CROSSOVER):
+        return None
+    reasons = []
+    if similar >= DESCRIPTION_SIMILARITY:
+        reasons.append(f"descriptions {similar:.2f} similar")
+    if pairs:
+        reasons.append(
+            f"{len(hits)} text pair(s) collide, e.g. {pairs[0][0]!r} ~ {pairs[0][1]!r} "
+            f"({pairs[0][2]:.2f})"
+        )
+    for src, dst, share in ((a, b, cross_ab), (b, a, cross_ba)):
+        if share >= CROSSOVER:
+            reasons.append(f"{share:.0%} of {names[src]}'s texts score {names[dst]} highest")
+    return Finding(
+        "overlap",
+        (names[a], names[b]),
+        max(similar, pairs[0][2] if pairs else 0.0),
+        "; ".join(reasons),
+        pairs=pairs,
+        details={
+            "description_similarity": round(similar, 4),
+            "crossover_ab": round(float(cross_ab), 4),
+            "crossover_ba": round(float(cross_ba), 4),
+        },
+    )
+
+
+def _vague(names: tuple[str, ...], pseudo: PseudoScores) -> list[Finding]:
+    """A vague finding for each route whose own texts, left out, barely prefer it over the
+    others (median margin below `VAGUE_MARGIN`), in route order."""
+    scores, owner, own = pseudo.scores, pseudo.owner, pseudo.own
+    n_routes = len(names)
     vague = []
     for a in range(n_routes):
         mine = owner == a
@@ -162,7 +200,14 @@ def lint_index(index: RouteIndex) -> Iterator[Finding]:
                     details={"margin": round(margin, 4), "least": round(min(margins), 4)},
                 )
             )
-    yield from sorted(vague, key=lambda f: f.score)
+    return vague
+
+
+def _examples_elsewhere(index: RouteIndex, pseudo: PseudoScores) -> list[Finding]:
+    """An example_elsewhere finding for each example that, left out, scores another route
+    higher than its own, in index order."""
+    names = index.names
+    scores, owner, own = pseudo.scores, pseudo.owner, pseudo.own
     elsewhere = []
     for i in np.flatnonzero(pseudo.is_example):
         a = int(owner[i])
@@ -178,8 +223,8 @@ def lint_index(index: RouteIndex) -> Iterator[Finding]:
                     gap,
                     f"left out, it scores {names[b]} {others[b]:.2f} against {names[a]} "
                     f"{own[i]:.2f}",
-                    text=str(texts[pseudo.phrase[i]]),
+                    text=str(index.texts[pseudo.phrase[i]]),
                     details={"own": round(float(own[i]), 4), "other": round(float(others[b]), 4)},
                 )
             )
-    yield from sorted(elsewhere, key=lambda f: -f.score)
+    return elsewhere
