@@ -15,6 +15,7 @@ from opentelemetry import trace
 from grpc_router.core.conversation import routing_view, view_key
 from grpc_router.core.decisions import DecisionCache
 from grpc_router.core.sessions import Session, SessionStore
+from grpc_router.core.validation import validate_params, validate_request
 from grpc_router.dispatch.upstream import (
     Completion,
     Dispatcher,
@@ -24,7 +25,7 @@ from grpc_router.dispatch.upstream import (
 )
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
 from grpc_router.observability import metrics, tracing
-from grpc_router.settings import ROUTE_NAME_RE, AppConfig, ModelConfig
+from grpc_router.settings import AppConfig, ModelConfig
 from grpc_router.types import (
     OTHER_ROUTE,
     Decision,
@@ -32,7 +33,6 @@ from grpc_router.types import (
     Engine,
     FallbackReason,
     Message,
-    Role,
     RouteOutcome,
     RouteRequest,
     RouteSpec,
@@ -40,7 +40,6 @@ from grpc_router.types import (
     route_set_key,
 )
 
-MAX_STOP_SEQUENCES = 4
 # The metric label of routes only a request defined.
 REQUEST_DEFINED = "request_defined"
 
@@ -100,29 +99,7 @@ class Router:
 
     def validate(self, request: RouteRequest, config: AppConfig | None = None) -> None:
         """Raise InvalidArgument naming the first offending field."""
-        cfg = config or self._config
-        lim = cfg.limits
-        msgs = request.messages
-        if not msgs:
-            raise InvalidArgument("messages", "at least one message is required")
-        if len(msgs) > lim.max_messages:
-            raise InvalidArgument(
-                "messages", f"{len(msgs)} messages exceed the limit of {lim.max_messages}"
-            )
-        for i, m in enumerate(msgs):
-            if not isinstance(m.role, Role):
-                raise InvalidArgument(f"messages[{i}].role", f"unknown role {m.role!r}")
-            if len(m.content) > lim.max_content_chars:
-                raise InvalidArgument(
-                    f"messages[{i}].content",
-                    f"{len(m.content)} characters exceed the limit of {lim.max_content_chars}",
-                )
-        if not any(m.role is Role.USER and m.content.strip() for m in msgs):
-            raise InvalidArgument("messages", "at least one non-empty user message is required")
-        if request.routes is not None:
-            _validate_routes(request.routes, cfg)
-        if request.session_id:
-            _validate_session_id(request.session_id, cfg.session.max_id_chars)
+        validate_request(request, config or self._config)
 
     # -- routing ----------------------------------------------------------------------------
 
@@ -373,7 +350,7 @@ class Router:
     ) -> Dispatched:
         """Route, then ask the route's models in order (then the default model)."""
         cfg = self._config
-        _validate_params(params)
+        validate_params(params)
         outcome = await self.route(request, timeout_s=timeout_s)
         completion = await self._dispatcher.complete(
             self._chain(cfg, outcome.route), request.messages, params
@@ -389,7 +366,7 @@ class Router:
     ) -> AsyncIterator[RouteOutcome | StreamDelta | StreamEnd]:
         """Yield the routing outcome first, then text deltas, then a StreamEnd."""
         cfg = self._config
-        _validate_params(params)
+        validate_params(params)
         outcome = await self.route(request, timeout_s=timeout_s)
         yield outcome
         async for event in self._dispatcher.stream(
@@ -416,73 +393,3 @@ def _annotate_span(outcome: RouteOutcome) -> None:
                 }
             )
         )
-
-
-def _validate_routes(routes: Sequence[RouteSpec], cfg: AppConfig) -> None:
-    lim = cfg.limits
-    if not routes:
-        raise InvalidArgument("routes", "an explicit route set must not be empty")
-    if len(routes) > lim.max_routes:
-        raise InvalidArgument(
-            "routes", f"{len(routes)} routes exceed the limit of {lim.max_routes}"
-        )
-    seen: set[str] = set()
-    for i, r in enumerate(routes):
-        if not ROUTE_NAME_RE.match(r.name):
-            raise InvalidArgument(
-                f"routes[{i}].name", f"{r.name!r} must match {ROUTE_NAME_RE.pattern}"
-            )
-        if r.name == OTHER_ROUTE:
-            raise InvalidArgument(f"routes[{i}].name", f"'{OTHER_ROUTE}' is reserved")
-        if r.name in seen:
-            raise InvalidArgument(f"routes[{i}].name", f"duplicate route name {r.name!r}")
-        seen.add(r.name)
-        if not r.description.strip():
-            raise InvalidArgument(f"routes[{i}].description", "must not be empty")
-        if len(r.examples) > lim.max_examples:
-            raise InvalidArgument(
-                f"routes[{i}].examples",
-                f"{len(r.examples)} examples exceed the limit of {lim.max_examples}",
-            )
-        for j, example in enumerate(r.examples):
-            if len(example) > lim.max_example_chars:
-                raise InvalidArgument(
-                    f"routes[{i}].examples[{j}]",
-                    f"{len(example)} characters exceed the limit of {lim.max_example_chars}",
-                )
-        if len(r.description) > lim.max_description_chars:
-            raise InvalidArgument(
-                f"routes[{i}].description",
-                f"{len(r.description)} characters exceed the limit of {lim.max_description_chars}",
-            )
-
-
-def _validate_session_id(session_id: str, max_chars: int) -> None:
-    if len(session_id) > max_chars:
-        raise InvalidArgument(
-            "session_id", f"{len(session_id)} characters exceed the limit of {max_chars}"
-        )
-    if not all("!" <= c <= "~" for c in session_id):
-        raise InvalidArgument("session_id", "must be printable ASCII without spaces (0x21-0x7E)")
-
-
-def _validate_params(p: GenerationParams) -> None:
-    if p.temperature is not None and not 0.0 <= p.temperature <= 2.0:
-        raise InvalidArgument("temperature", "must be between 0 and 2")
-    if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
-        raise InvalidArgument("top_p", "must be in (0, 1]")
-    if p.max_tokens is not None and p.max_tokens < 1:
-        raise InvalidArgument("max_tokens", "must be at least 1")
-    if len(p.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidArgument("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
-
-
-def request_messages(pairs: Sequence[tuple[str, str]]) -> tuple[Message, ...]:
-    """Build messages from (role, content) pairs, naming the field of an unknown role."""
-    out: list[Message] = []
-    for i, (role, content) in enumerate(pairs):
-        try:
-            out.append(Message(Role(role), content))
-        except ValueError:
-            raise InvalidArgument(f"messages[{i}].role", f"unknown role {role!r}") from None
-    return tuple(out)
