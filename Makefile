@@ -110,8 +110,9 @@ format: install ## apply ruff's fixes and formatting
 test: install node tokenizer lint ## lint, then the whole test suite (builds its own tiny models)
 	$(PY) -m pytest -q -m 'not slow'
 
-bench: install tokenizer ## benchmark engines vs baselines on the full-shape model (BENCH_ARGS="--layers 4" for a quick run)
+bench: install tokenizer artifacts/minilm/int8/manifest.json ## Arch-Router vs baselines on the full-shape model, multi-turn sessions and agent loops, one replica's capacity, ext_proc, cascade (BENCH_ARGS="--layers 4" for a quick run)
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.replica
 	$(PY) -m bench.extproc
 	$(PY) -m bench.cascade
 

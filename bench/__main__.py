@@ -17,6 +17,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.multiturn import (
+    MODES,
+    PRIMARY_MODE,
+    baseline_sample,
+    baseline_workload,
+    build_multiturn,
+    describe_multiturn,
+    multiturn_markdown,
+    multiturn_ratios,
+    target_lines,
+)
 from bench.report import compute_floor, markdown, ratios
 from bench.workers import on_gpu
 from bench.workload import build_workload, describe
@@ -59,6 +70,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="engine: keep the KV on the device between runs (auto: on for GPU providers)",
     )
     p.add_argument("--skip-baselines", action="store_true")
+    mt = p.add_argument_group("multi-turn workload (SGD dialogues call by call, agent loops)")
+    mt.add_argument(
+        "--multiturn-dialogues",
+        type=int,
+        default=4,
+        help="SGD dialogues replayed and interleaved (default 4)",
+    )
+    mt.add_argument("--agent-loops", type=int, default=2, help="agent loops (default 2)")
+    mt.add_argument(
+        "--agent-steps", type=int, default=10, help="tool steps per agent loop (default 10)"
+    )
+    mt.add_argument(
+        "--multiturn-baseline-samples",
+        type=int,
+        default=4,
+        help="follow-ups and new conversations that baseline A runs (tens of seconds a "
+        "call on 2 cores at 28 layers; default 4 of each)",
+    )
+    mt.add_argument(
+        "--multiturn-modes",
+        default="scores_off,scores_on,no_session",
+        help="replays: requests with full_scores off, on, and off without session "
+        "ids (default all three)",
+    )
+    mt.add_argument("--skip-multiturn", action="store_true", help="leave the workload out")
+    mt.add_argument(
+        "--only-multiturn",
+        action="store_true",
+        help="run only the multi-turn workload (and its baseline A sample); "
+        "writes reports/bench-<model>-multiturn.{md,json}",
+    )
     p.add_argument("--out", type=Path, default=Path("reports"))
     return p.parse_args(argv)  # fmt: skip
 
@@ -106,6 +148,8 @@ def run_worker(kind: str, cfg: dict[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
         out: dict[str, Any] = json.loads(result.read_text())
         out["wall_s"] = time.perf_counter() - t
+        # Others' jobs on this machine slow a measurement down: say how busy it was.
+        out["loadavg_1m_after"] = os.getloadavg()[0]
         return out
 
 
@@ -143,6 +187,12 @@ def gpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    modes = args.multiturn_modes.split(",")
+    if PRIMARY_MODE not in modes or not set(modes) <= {m for m, _, _ in MODES}:
+        raise SystemExit(
+            f"--multiturn-modes: a list of {', '.join(m for m, _, _ in MODES)} that holds "
+            f"{PRIMARY_MODE} (the targets are judged on it)"
+        )
     if args.baseline_samples is None:  # the same conversations as the engine
         args.baseline_samples = args.samples
     variants = [v for v in args.variants.split(",") if v]
@@ -172,16 +222,20 @@ def main(argv: list[str] | None = None) -> int:
             "matmul", {**common, "m": 512, "k": config["hidden_size"],
                        "n": config["intermediate_size"], "provider": args.provider},
         )  # fmt: skip
-        for variant in variants:
-            say(f"engine {variant}")
-            report["engine"][variant] = run_worker(
-                "engine",
-                {**common, "artifact": str(artifact), "variant": variant,
-                 "provider": args.provider, "samples": args.samples,
-                 "kv_on_device": {"auto": None, "on": True, "off": False}[args.kv_on_device],
-                 "cold_samples": args.cold_samples, "concurrency": concurrency},
-            )  # fmt: skip
-        if not args.skip_baselines:
+        if not args.only_multiturn:
+            for variant in variants:
+                say(f"engine {variant}")
+                report["engine"][variant] = run_worker(
+                    "engine",
+                    {**common, "artifact": str(artifact), "variant": variant,
+                     "provider": args.provider, "samples": args.samples,
+                     "kv_on_device": {"auto": None, "on": True, "off": False}[args.kv_on_device],
+                     "cold_samples": args.cold_samples, "concurrency": concurrency},
+                )  # fmt: skip
+        if not args.skip_multiturn:
+            run_multiturn_workload(args, report, variants, artifact, ckpt)
+            multiturn_floor(report, config)
+        if not args.skip_baselines and not args.only_multiturn:
             base = {**common, "samples": args.baseline_samples, "provider": args.provider}
             say("baseline A: transformers + PyTorch fp32 generate (max_new_tokens 16)")
             report["torch"] = run_baseline("torch", {**base, "checkpoint": str(ckpt)})
@@ -190,16 +244,86 @@ def main(argv: list[str] | None = None) -> int:
                 report["optimum"][variant] = run_baseline(
                     "optimum", {**base, "artifact": str(artifact), "variant": variant}
                 )
-    report["floor"] = compute_floor(config, shape["long"], report["matmul"])
+    if not args.only_multiturn:
+        report["floor"] = compute_floor(config, shape["long"], report["matmul"])
     report["ratios"] = ratios(report)
+    multiturn_ratios(report)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench-{full_shape_name(args.layers)}"
-    text = markdown(report)
+    if args.only_multiturn:
+        stem = stem.with_name(stem.name + "-multiturn")
+        text = multiturn_markdown(report)
+    else:
+        text = markdown(report) + (
+            "\n" + multiturn_markdown(report) if "multiturn" in report else ""
+        )
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(text)
     print(text)
+    for line in target_lines(report):
+        say(f"target {line}")
     say(f"wrote {stem}.json and {stem}.md")
     return 0
+
+
+def multiturn_floor(report: dict[str, Any], config: dict[str, Any]) -> None:
+    """The compute floor of each kind's median engine call (its prefilled tokens after its
+    cached ones) at the GEMM rate measured in this run: multiturn.floor.<variant>.<kind>."""
+    floors: dict[str, Any] = {}
+    for variant, eng in report["multiturn"]["engine"].items():
+        summary = eng["modes"].get(PRIMARY_MODE, {}).get("summary", {})
+        floors[variant] = {
+            kind: compute_floor(
+                config,
+                {"suffix_tokens_median": s["prefilled_tokens_median"],
+                 "cacheable_tokens_median": s["cached_tokens_median"]},
+                report["matmul"],
+            )
+            for kind, s in summary.items()
+            if s["prefilled_tokens_median"]
+        }  # fmt: skip
+    report["multiturn"]["floor"] = floors
+
+
+def run_multiturn_workload(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    variants: list[str],
+    artifact: Path,
+    ckpt: Path,
+) -> None:
+    """The multi-turn replay on each engine variant, then baseline A on a sample of its calls
+    (report["multiturn"])."""
+    workload = build_multiturn(args.multiturn_dialogues, args.agent_loops, args.agent_steps)
+    shape = describe_multiturn(workload, artifact / variants[0])
+    sample = baseline_sample(workload, args.multiturn_baseline_samples)
+    say("multi-turn workload (fixed):")
+    for key, facts in shape.items():
+        say(f"  {key}: {json.dumps(facts)}")
+    mt: dict[str, Any] = {
+        "workload": shape,
+        "a_sample": sample,
+        "engine": {},
+        "A": None,
+        "calls": [f"{c.stream}#{c.index} {c.kind}" for c in workload.calls],
+    }
+    report["multiturn"] = mt
+    for variant in variants:
+        say(f"multi-turn replay through the router core, engine {variant}")
+        mt["engine"][variant] = run_worker(
+            "multiturn",
+            {"artifact": str(artifact), "variant": variant, "provider": args.provider,
+             "threads": args.threads, "multiturn": workload.to_json(),
+             "modes": [m for m in args.multiturn_modes.split(",") if m]},
+        )  # fmt: skip
+    if not args.skip_baselines:
+        n = len(sample["follow_up"]), len(sample["new_conversation"])
+        say(f"baseline A on the multi-turn sample: {n[0]} follow-ups, {n[1]} new conversations")
+        mt["A"] = run_baseline(
+            "torch",
+            {"workload": baseline_workload(workload, sample).to_json(), "threads": args.threads,
+             "samples": max(n), "provider": args.provider, "checkpoint": str(ckpt)},
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Measurements, each run in its own subprocess so that its peak RSS is its own.
 
 `python -m bench.workers <kind> <config.json> <result.json>`; kinds: engine, torch,
-optimum, matmul. The orchestrator in __main__ starts them one at a time.
+optimum, matmul, multiturn (bench/multiturn.py). The orchestrator in __main__ starts them one
+at a time.
 """
 
 from __future__ import annotations
@@ -309,11 +310,18 @@ def _matmul_cuda(cfg: dict[str, Any]) -> dict[str, Any]:
             "label": "fp16 GEMM (CUDA)", "providers": session.get_providers()}  # fmt: skip
 
 
+def run_multiturn(cfg: dict[str, Any]) -> dict[str, Any]:
+    from bench.multiturn import run_multiturn as run
+
+    return run(cfg)
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "engine": run_engine,
     "torch": run_torch,
     "optimum": run_optimum,
     "matmul": run_matmul,
+    "multiturn": run_multiturn,
 }
 
 if __name__ == "__main__":

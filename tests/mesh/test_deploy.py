@@ -404,3 +404,228 @@ def test_destination_rule_hashes_the_router_service_by_session(router_config: Ap
     balancer = misplaced["spec"]["trafficPolicy"]["loadBalancer"]
     balancer["consistentHsh"] = balancer.pop("consistentHash")
     assert _istio_round_trip(misplaced) != misplaced
+
+
+# -- Scale-out: the shared CPU router, its HPA, PDB and probes (router-cpu.yaml) ----------------
+
+ADAPTER_VALUES = K8S / "prometheus-adapter" / "values.yaml"
+SCALED = "grpc-router"
+
+
+def _cpu_router_config(configmap: dict[str, Any]) -> AppConfig:
+    [(key, text)] = configmap["data"].items()
+    return parse_config(yaml.safe_load(text), K8S / "router-cpu.yaml" / key)
+
+
+def _quantity(value: str | int) -> float:
+    """A Kubernetes quantity as a number (the suffixes an averageValue may carry)."""
+    text = str(value)
+    for suffix, scale in (("m", 1e-3), ("k", 1e3), ("Ki", 1024.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+def _router_gauges() -> set[str]:
+    from prometheus_client import Gauge
+
+    from grpc_router.observability import metrics
+
+    names = {d.name for m in vars(metrics).values() if isinstance(m, Gauge) for d in m.describe()}
+    return {n for n in names if n.startswith("grpc_router_")}
+
+
+def _scale_out_problems(
+    hpa: dict[str, Any],
+    pdb: dict[str, Any],
+    deployment: dict[str, Any],
+    configmap: dict[str, Any],
+    adapter: dict[str, Any],
+) -> list[str]:
+    """What would make the autoscaling or the overload signals silently not work: references
+    between the objects, the metric chain (router gauge -> adapter rule -> HPA), the probes'
+    health service names, and the order of the thresholds."""
+    from grpc_router.serving.server import READINESS_SERVICE
+
+    problems: list[str] = []
+    ns = deployment["metadata"]["namespace"]
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    ref = hpa["spec"]["scaleTargetRef"]
+    if (ref.get("apiVersion"), ref.get("kind"), ref.get("name")) != (
+        "apps/v1",
+        "Deployment",
+        deployment["metadata"]["name"],
+    ):
+        problems.append(f"HPA scaleTargetRef {ref} is not the router Deployment")
+    for doc in (hpa, pdb, configmap):
+        if doc["metadata"].get("namespace") != ns:
+            problems.append(f"{doc['kind']} is not in namespace {ns}")
+    spec = hpa["spec"]
+    if not 2 <= spec.get("minReplicas", 1) <= spec["maxReplicas"]:
+        problems.append("HPA minReplicas must be at least 2 (one may be disrupted) and <= max")
+    # The metric chain: every HPA metric is a Pods metric the adapter serves, from a gauge the
+    # router exports, averaged per pod.
+    rules = adapter["rules"]["custom"]
+    served = {r["name"]["as"]: r for r in rules}
+    gauges = _router_gauges()
+    for rule in rules:
+        series = rule["seriesQuery"].split("{", 1)[0]
+        if series not in gauges:
+            problems.append(f"adapter rule reads {series!r}, which the router does not export")
+        overrides = rule["resources"]["overrides"]
+        if overrides != {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}:
+            problems.append(f"adapter rule {series}: namespace and pod labels must map to objects")
+        for part in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+            if part not in rule["metricsQuery"]:
+                problems.append(f"adapter rule {series}: metricsQuery lacks {part}")
+    config = _cpu_router_config(configmap)
+    for metric in spec["metrics"]:
+        if metric["type"] != "Pods":
+            problems.append(f"HPA metric of type {metric['type']}: a per-pod metric is wanted")
+            continue
+        name = metric["pods"]["metric"]["name"]
+        if name not in served:
+            problems.append(f"HPA metric {name!r} is not served by the adapter ({sorted(served)})")
+        target = metric["pods"]["target"]
+        if target.get("type") != "AverageValue":
+            problems.append(f"HPA metric {name}: target type must be AverageValue (per pod)")
+            continue
+        value = _quantity(target["averageValue"])
+        if not 0 < value < config.server.overload_queue_depth:
+            problems.append(
+                f"HPA target {value} for {name} must be positive and below "
+                f"server.overload_queue_depth ({config.server.overload_queue_depth}), so that "
+                "replicas are added before readiness takes pods out"
+            )
+    # The PDB covers exactly the router pods and leaves at least one.
+    if pdb["spec"]["selector"].get("matchLabels") != labels:
+        problems.append("PDB selector does not match the Deployment's pods")
+    if not labels.items() <= pod_labels.items():
+        problems.append("Deployment selector does not match its own pod template")
+    if "maxUnavailable" in pdb["spec"]:
+        if _quantity(pdb["spec"]["maxUnavailable"]) >= spec.get("minReplicas", 1):
+            problems.append("PDB maxUnavailable would allow every minReplicas pod to go")
+    elif _quantity(pdb["spec"]["minAvailable"]) < 1:
+        problems.append("PDB minAvailable must keep a pod")
+    # Probes: readiness reflects overload, liveness and startup the process alone.
+    pod = deployment["spec"]["template"]["spec"]
+    [router] = [c for c in pod["containers"] if c["name"] == "grpc-router"]
+    expected = {
+        "startupProbe": "",
+        "livenessProbe": "",
+        "readinessProbe": READINESS_SERVICE,
+    }
+    for probe, service in expected.items():
+        grpc_probe = router.get(probe, {}).get("grpc", {})
+        if grpc_probe.get("port") != config.server.port:
+            problems.append(f"{probe} does not ask the router's port {config.server.port}")
+        if grpc_probe.get("service", "") != service:
+            problems.append(f"{probe} asks health service {grpc_probe.get('service')!r}, "
+                            f"not {service!r}")  # fmt: skip
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    if volumes["config"]["configMap"]["name"] != configmap["metadata"]["name"]:
+        problems.append("the config volume is not the router's ConfigMap")
+    mount = next(m["mountPath"] for m in router["volumeMounts"] if m["name"] == "config")
+    config_arg = router["args"][router["args"].index("--config") + 1]
+    if config_arg != f"{mount}/{next(iter(configmap['data']))}":
+        problems.append(f"--config {config_arg} is not the mounted ConfigMap key")
+    return problems
+
+
+def _scale_out_docs() -> dict[str, Any]:
+    return {
+        "hpa": _find("HorizontalPodAutoscaler", SCALED),
+        "pdb": _find("PodDisruptionBudget", SCALED),
+        "deployment": _find("Deployment", SCALED),
+        "configmap": _find("ConfigMap", "grpc-router-cpu-config"),
+        "adapter": yaml.safe_load(ADAPTER_VALUES.read_text()),
+    }
+
+
+def test_router_scales_out_on_its_queue_depth_with_overload_aware_probes() -> None:
+    docs = _scale_out_docs()
+    assert _scale_out_problems(**docs) == []
+    [metric] = docs["hpa"]["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "grpc_router_engine_queue_depth"
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        doc = docs["hpa" if kind.startswith("Horizontal") else "pdb"]
+        assert doc["kind"] == kind
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("what", "path", "value"),
+    [
+        ("hpa", ("spec", "scaleTargetRef", "name"), "grpc-routr"),
+        ("hpa", ("spec", "metrics", 0, "pods", "metric", "name"), "grpc_router_engine_queue_dept"),
+        ("hpa", ("spec", "metrics", 0, "pods", "target", "averageValue"), "64"),
+        ("hpa", ("spec", "minReplicas"), 1),
+        ("pdb", ("spec", "selector", "matchLabels", "app"), "grpc-routr"),
+        ("adapter", ("rules", "custom", 0, "seriesQuery"), 'grpc_router_queue_depth{pod!=""}'),
+        ("adapter", ("rules", "custom", 0, "name", "as"), "grpc_router_queue_depth"),
+        (
+            "deployment",
+            ("spec", "template", "spec", "containers", 0, "readinessProbe", "grpc", "service"),
+            "grpc_router.readyness",
+        ),
+        (
+            "deployment",
+            ("spec", "template", "spec", "containers", 0, "livenessProbe", "grpc", "service"),
+            "grpc_router.readiness",
+        ),
+        (
+            "deployment",
+            ("spec", "template", "spec", "volumes", 0, "configMap", "name"),
+            "grpc-router-config",
+        ),
+    ],
+)
+def test_scale_out_checks_catch_a_typo(what: str, path: tuple[str | int, ...], value: Any) -> None:
+    docs = copy.deepcopy(_scale_out_docs())
+    node = docs[what]
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert _scale_out_problems(**docs) != []
+
+
+@pytest.mark.parametrize(
+    ("kind", "key", "typo"),
+    [
+        ("HorizontalPodAutoscaler", "scaleTargetRef", "scaleTargetRf"),
+        ("HorizontalPodAutoscaler", "behavior", "behaviour"),
+        ("PodDisruptionBudget", "maxUnavailable", "maxUnavailble"),
+    ],
+)
+def test_kubernetes_validation_catches_a_misspelt_scale_out_field(
+    kind: str, key: str, typo: str
+) -> None:
+    doc = copy.deepcopy(_find(kind, SCALED))
+    doc["spec"][typo] = doc["spec"].pop(key)
+    with pytest.raises(kubernetes_validate.ValidationError, match=typo):
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_cpu_router_serves_the_mesh_routes_with_the_encoder() -> None:
+    config = _cpu_router_config(_find("ConfigMap", "grpc-router-cpu-config"))
+    mesh = _router_configs()["config.yaml"]
+    # The mesh's VirtualService and Envoy route on these model keys: the same for every router.
+    assert config.routes == mesh.routes
+    assert config.models == mesh.models
+    assert config.default_route == mesh.default_route
+    assert config.engine.kind == "encoder"
+    assert config.server.host == "0.0.0.0"
+    assert config.ext_proc.enabled
+    assert config.ext_proc.session_header == mesh.ext_proc.session_header
+    assert config.routing.fail_open  # an overloaded replica answers the default route
+    service = _find("Service", SCALED)
+    deployment = _find("Deployment", SCALED)
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [p["appProtocol"] for p in service["spec"]["ports"]] == ["grpc"]
+    rule = _find("DestinationRule", "grpc-router-sessions")
+    meta = service["metadata"]
+    assert rule["spec"]["host"] == f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
+    assert rule["spec"]["trafficPolicy"]["loadBalancer"]["consistentHash"] == {
+        "httpHeaderName": config.ext_proc.session_header
+    }
