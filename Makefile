@@ -54,6 +54,9 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[export,dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto; the OTLP exporter needs its own.
+	$(PY) -m pip install -q --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	@touch $@
 
 install: $(VENV)/.installed $(PROTO_STAMP) ## create .venv with the server, export and dev dependencies

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
+from grpc_router.errors import RouterError
 from grpc_router.settings import TracingConfig
 
 TRACER_NAME = "grpc_router"
@@ -38,9 +39,7 @@ def setup_tracing(cfg: TracingConfig, exporter: SpanExporter | None = None) -> b
         return _provider is not None
     if _provider is None:
         if exporter is None:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter(endpoint=cfg.otlp_endpoint, insecure=True)
+            exporter = _otlp_exporter(cfg.otlp_endpoint)
         provider = TracerProvider(
             resource=Resource.create({"service.name": cfg.service_name}),
             sampler=ParentBased(TraceIdRatioBased(cfg.sample_ratio)),
@@ -49,6 +48,18 @@ def setup_tracing(cfg: TracingConfig, exporter: SpanExporter | None = None) -> b
         trace.set_tracer_provider(provider)
         _provider = provider
     return True
+
+
+def _otlp_exporter(endpoint: str) -> SpanExporter:
+    try:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:  # xds-protos installed after opentelemetry-proto overwrote it
+        raise RouterError(
+            f"tracing: the OTLP exporter cannot load ({exc}). xds-protos ships an older copy of "
+            "the opentelemetry protos; restore them with `pip install --force-reinstall "
+            "--no-deps opentelemetry-proto` (make install does), or set tracing.enabled: false"
+        ) from exc
+    return OTLPSpanExporter(endpoint=endpoint, insecure=True)
 
 
 def shutdown_tracing() -> None:
