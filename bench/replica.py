@@ -136,6 +136,16 @@ class Server:
             return float("nan")
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def peak_rss_bytes(self) -> int | None:
+        """The server process's peak resident memory so far (VmHWM)."""
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -411,6 +421,10 @@ def _cell(x: Any) -> str:
     return "–" if x is None else str(x)
 
 
+def _gib(x: int | None) -> str:
+    return "–" if x is None else f"{x / 2**30:.2f} GiB"
+
+
 def _share(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -425,7 +439,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['args']['channels']} HTTP/2 connections, `Route` with `skip_scores`; each "
         f"level for {report['args']['duration']} s or {report['args']['max_calls']} calls. "
         f"Machine: {m['cpu']}, {m['cores']} cores (shared by the clients and the server). "
-        f"Server ready {report['ready_s']:.1f} s after start.",
+        f"Server ready {report['ready_s']:.1f} s after start; its peak RSS "
+        f"{_gib(report.get('server_peak_rss_bytes'))}.",
         "",
         "| calls in flight | conversations | calls | req/s | p50 ms | p99 ms | fallback (load) | "
         "fallback (all) | errors | from cache | queue depth max | readiness NOT_SERVING | "
@@ -469,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ready_s, levels = asyncio.run(asyncio.wait_for(drive(server, args), budget))
         finally:
+            server_rss = server.peak_rss_bytes()
             server.stop()
             log_lines = sum(1 for _ in server.log.open("rb"))
     enc = EncoderSettings(**(config["engine"].get("encoder") or {}))
@@ -483,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         "server": {k: config["server"].get(k) for k in ("max_concurrent_rpcs",)},
         "artifact": str(artifact),
         "ready_s": ready_s,
+        "server_peak_rss_bytes": server_rss,
         "server_log_lines": log_lines,
         "rows": [level.row() for level in levels],
     }  # fmt: skip

@@ -76,6 +76,13 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
     async def decide(case: Case, full: bool) -> Any:
         return await engine.decide(case.message_objs(), case.route_specs(), full_scores=full)
 
+    async def route_set_only(cases: list[Case]) -> None:
+        """The prefix cache holding the route set's block alone, as a server warms its routes:
+        the engine keeps every prompt it decides, so without this a pass would reuse the whole
+        prompt the pass before decided, and prefill one token."""
+        engine.prefix_cache.clear()
+        await engine.warm(cases[0].route_specs())
+
     async def main() -> dict[str, Any]:
         t = time.perf_counter()
         await engine.start()
@@ -93,8 +100,8 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
                 cold.append(await decide(case, True))
                 progress(f"{kind} cold {i + 1}: {cold[-1].timings_ms['total']:.0f} ms")
             res["cold_scores_on"] = _summary(cold)
-            await decide(cases[0], False)  # fill the cache for this route set
             for full in (True, False):
+                await route_set_only(cases)
                 warm = []
                 for case in cases:
                     warm.append(await decide(case, full))
@@ -110,7 +117,9 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
             out[kind] = res
         throughput, drift = {}, 0.0
         for c in cfg["concurrency"]:
-            cases = [workload.long[i % len(workload.long)] for i in range(max(c, cfg["samples"]))]
+            await route_set_only(workload.long)
+            n = len(workload.long)
+            cases = [_lap(workload.long[i % n], i // n) for i in range(max(c, cfg["samples"]))]
             clients = asyncio.Semaphore(c)  # at most c decisions in flight
             t = time.perf_counter()
             got = await asyncio.gather(*(limited(clients, decide(case, True)) for case in cases))
@@ -119,6 +128,8 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
                                   "per_s": len(cases) / wall}  # fmt: skip
             progress(f"concurrency {c}: {len(cases) / wall:.2f} decisions/s")
             for case, d in zip(cases, got, strict=True):
+                if case.name not in alone:
+                    continue  # a conversation made distinct: nothing alone to compare with
                 solo = alone[case.name].scores
                 drift = max(drift, *(abs(d.scores[r] - solo[r]) for r in solo))
         out["throughput"] = throughput
@@ -135,6 +146,16 @@ def run_engine(cfg: dict[str, Any]) -> dict[str, Any]:
     result = asyncio.run(main())
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def _lap(case: Case, lap: int) -> Case:
+    """The case itself on its first use, then made distinct right after the route set's block
+    (a marker before its first message), so that a repeat reuses only that block."""
+    if not lap:
+        return case
+    first, *rest = case.messages
+    marked = {**first, "content": f"({lap}) {first['content']}"}
+    return Case(f"{case.name}~{lap}", case.routes, [marked, *rest])
 
 
 async def limited(gate: asyncio.Semaphore, work: Awaitable[Any]) -> Any:
