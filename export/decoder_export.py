@@ -133,7 +133,7 @@ def _gate(variant: str, report: dict[str, Any], opts: ExportOptions) -> None:
             raise ExportError(
                 f"fp32 parity failed: max |logit diff| {report['max_abs_logit_diff']:.3g} vs "
                 f"PyTorch exceeds {opts.fp32_tolerance:g}; the export is wrong (check the "
-                "optimum/transformers versions against ../shared/notes/onnx-facts.md)."
+                "optimum/transformers versions pinned in pyproject.toml)."
             )
         report["gate"] = f"max_abs_logit_diff <= {opts.fp32_tolerance:g}: pass"
         return
