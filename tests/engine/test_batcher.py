@@ -26,17 +26,20 @@ def test_abandoned_jobs_are_dropped_before_they_run() -> None:
             first = asyncio.create_task(batcher.submit("first"))
             await asyncio.sleep(0.2)  # the worker is now busy with "first"
             gone = asyncio.create_task(batcher.submit("gone"))
-            late = asyncio.create_task(asyncio.wait_for(batcher.submit("late"), 0.05))
+            late = asyncio.create_task(asyncio.wait_for(batcher.submit("late"), 0.5))
             kept = asyncio.create_task(batcher.submit("kept"))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # all three are queued behind "first"
+            assert batcher._queue.qsize() == 3
             gone.cancel()
+            with contextlib.suppress(TimeoutError):  # its deadline passes in the queue
+                await late
             before = metrics.DROPPED._value.get()
             release.set()
             assert await first == "done first"
             assert await kept == "done kept"
-            for task in (gone, late):
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError):
+                await gone
+            await asyncio.to_thread(batcher.stop)  # the worker has seen every queued job
             assert ran == ["first", "kept"]
             assert metrics.DROPPED._value.get() - before == 2
         finally:
