@@ -2,9 +2,9 @@
 
 The prompt text and its assembly are the server's own (`grpc_router.engines.arch_router.prompt`,
 held to the model's prompt contract by tests/fixtures/data), so that the parity check measures
-the exported graph on exactly what it will be asked at serve time. What lives here is export-only: a fixed set of
-route sets and conversations, and the chat message list that the checkpoint's chat template
-turns into token ids on the PyTorch side.
+the exported graph on exactly what it will be asked at serve time. What lives here is
+export-only: a fixed set of route sets and conversations, and the chat message list that the
+checkpoint's chat template turns into token ids on the PyTorch side.
 """
 
 from __future__ import annotations
