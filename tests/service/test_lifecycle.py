@@ -121,7 +121,9 @@ def test_sigterm_drains_in_flight_calls(
     # New calls are refused (on a fresh connection, as a new client would make).
     with grpc.insecure_channel(server.target) as fresh, pytest.raises(grpc.RpcError) as err:
         pb_grpc.RouterServiceStub(fresh).Route(route_request("late"), timeout=5)
-    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    # UNAVAILABLE from the interceptor or gRPC's stopped server; a call that races the start of
+    # gRPC's stop can be cancelled by gRPC core before any handler sees it.
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
     for t in threads:
         t.join(60)
