@@ -22,22 +22,9 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum, IntEnum
 
-from prometheus_client import Counter, Gauge
-
 from grpc_router.observability import logs
+from grpc_router.observability.metrics import CIRCUIT_STATE, CIRCUIT_TRANSITIONS
 from grpc_router.settings import CircuitBreakerConfig
-
-# Label values are configured model keys only (set by `CircuitBreakers.configure`).
-CIRCUIT_STATE = Gauge(
-    "grpc_router_circuit_state",
-    "Circuit breaker state of each configured upstream model: 0 closed, 1 open, 2 half-open.",
-    ["model"],
-)
-CIRCUIT_TRANSITIONS = Counter(
-    "grpc_router_circuit_transitions_total",
-    "Circuit breaker transitions, by model key and the state entered.",
-    ["model", "to"],
-)
 
 _log = logs.get_logger("grpc_router.dispatch.breaker")
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import httpx
@@ -203,13 +204,21 @@ class Dispatcher:
             "POST", url, content=json.dumps(body), headers=headers, timeout=timeout
         )
 
-    def _fail(self, failed: list[Attempt], f: _Failure, permit: Permit, t0: float) -> None:
-        _record_failure(failed, f.attempt, t0)
-        reason = _reason(f.attempt)
-        self._breakers.settle(permit, _verdict(f.attempt), reason, retry_after=f.retry_after)
+    async def _send(
+        self, attempt: _Attempt, body: dict[str, Any], *, stream: bool
+    ) -> httpx.Response:
+        """POST `body` to the attempt's model inside the attempt's span, so that the HTTP
+        client's span (and the traceparent it sends on) is the attempt's child."""
+        request = self._request(attempt.key, attempt.model, body)
+        with trace.use_span(attempt.span, end_on_exit=False):
+            return await self._client.send(request, stream=stream)
 
-    def _all_failed(self, failed: Sequence[Attempt]) -> DispatchFailed:
-        return DispatchFailed(failed, log_content=self._log_content)
+    def _attempts(
+        self, chain: Sequence[tuple[str, ModelConfig]], classify: _Classifier
+    ) -> _Attempts:
+        """A walk down `chain` with this dispatcher's breakers; `classify` says which errors
+        of the caller's exchange mean "try the next model"."""
+        return _Attempts(self._breakers, chain, classify, log_content=self._log_content)
 
     async def complete(
         self,
@@ -219,52 +228,25 @@ class Dispatcher:
     ) -> Completion:
         """Ask each model in `chain` in turn until one answers; skip those whose breaker is
         open."""
-        failed: list[Attempt] = []
-        start = time.perf_counter()
-        for key, model in chain:
-            permit = self._breakers.admit(key)
-            if permit is None:
-                failed.append(Attempt(key, CIRCUIT_OPEN))
-                continue
-            body = _body(model, messages, params)
-            t0 = time.perf_counter()
-            span = _attempt_span(key, model)
-            try:
-                request = self._request(key, model, body)
-                with trace.use_span(span, end_on_exit=False):
-                    response = await self._client.send(request)
+        run = self._attempts(chain, _unary_failure)
+        for attempt in run:
+            body = _body(attempt.model, messages, params)
+            with attempt:
+                response = await self._send(attempt, body, stream=False)
                 await response.aread()
-                _raise_for_status(key, response)
+                _raise_for_status(attempt.key, response)
                 payload = response.json()
                 choice = payload["choices"][0]
                 content = choice["message"].get("content") or ""
                 finish = str(choice.get("finish_reason") or "")
-                self._breakers.settle(permit, Verdict.SUCCESS)
-            except _Failure as f:
-                self._fail(failed, f, permit, t0)
-                if not f.retryable:
-                    break
+                self._breakers.settle(attempt.permit, Verdict.SUCCESS)
+            if not attempt.answered:
                 continue
-            except httpx.HTTPError as e:
-                self._fail(failed, _Failure(_transport_attempt(key, e)), permit, t0)
-                continue
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                attempt = _malformed(key, "malformed response", e)
-                self._fail(failed, _Failure(attempt), permit, t0)
-                continue
-            finally:  # cancelled (the caller went away): says nothing of the upstream
-                self._breakers.settle(permit, Verdict.NEUTRAL)
-                _end_attempt_span(span, failed, key)
-            metrics.UPSTREAM_LATENCY.labels(key).observe(time.perf_counter() - t0)
+            usage = _usage(payload.get("usage"))
             return Completion(
-                content,
-                finish,
-                _usage(payload.get("usage")),
-                key,
-                tuple(failed),
-                (time.perf_counter() - start) * 1000,
+                content, finish, usage, attempt.key, tuple(run.failed), run.elapsed_ms()
             )
-        raise self._all_failed(failed)
+        raise run.all_failed()
 
     async def stream(
         self,
@@ -276,30 +258,20 @@ class Dispatcher:
         is abandoned for the next one only before its first token, and only a failure before
         it counts against the model's breaker; a failure after it ends the stream with
         DispatchFailed."""
-        failed: list[Attempt] = []
-        start = time.perf_counter()
-        for key, model in chain:
-            permit = self._breakers.admit(key)
-            if permit is None:
-                failed.append(Attempt(key, CIRCUIT_OPEN))
-                continue
-            body = _body(model, messages, params)
+        run = self._attempts(chain, _stream_failure)
+        for attempt in run:
+            body = _body(attempt.model, messages, params)
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
-            t0 = time.perf_counter()
-            started = False
             finish = ""
             done = False
             usage = Usage()
-            span = _attempt_span(key, model)
-            try:
-                request = self._request(key, model, body)
-                with trace.use_span(span, end_on_exit=False):
-                    response = await self._client.send(request, stream=True)
+            with attempt:
+                response = await self._send(attempt, body, stream=True)
                 try:
                     if response.status_code >= 400:
                         await response.aread()
-                    _raise_for_status(key, response)
+                    _raise_for_status(attempt.key, response)
                     async for data in _sse_data(response):
                         if data == "[DONE]":
                             done = True
@@ -310,38 +282,152 @@ class Dispatcher:
                         for choice in event.get("choices") or ():
                             text = (choice.get("delta") or {}).get("content")
                             if text:
-                                if not started:
-                                    started = True
-                                    self._breakers.settle(permit, Verdict.SUCCESS)
+                                if not attempt.started:
+                                    attempt.started = True
+                                    self._breakers.settle(attempt.permit, Verdict.SUCCESS)
                                 yield StreamDelta(text)
                             if choice.get("finish_reason"):
                                 finish = str(choice["finish_reason"])
                     if not (done or finish):
                         raise httpx.RemoteProtocolError("stream ended before it finished")
-                    self._breakers.settle(permit, Verdict.SUCCESS)
+                    self._breakers.settle(attempt.permit, Verdict.SUCCESS)
                 finally:
                     await response.aclose()
-            except _Failure as f:
-                self._fail(failed, f, permit, t0)
-                if not f.retryable:
-                    break
+            if attempt.answered:
+                failed = tuple(run.failed)
+                yield StreamEnd(finish, usage, attempt.key, failed, run.elapsed_ms())
+                return
+        raise run.all_failed()
+
+
+# Maps an exception raised inside `with attempt:` to the failed attempt it records (the walk
+# then moves on), or None to let it propagate: each of complete and stream decides which
+# errors of its own exchange (transport, malformed body or event) mean "try the next model".
+_Classifier = Callable[[str, Exception], Attempt | None]
+
+
+def _unary_failure(key: str, e: Exception) -> Attempt | None:
+    """A unary call's transport errors and malformed response bodies."""
+    if isinstance(e, httpx.HTTPError):
+        return _transport_attempt(key, e)
+    if isinstance(e, (ValueError, KeyError, IndexError, TypeError)):
+        return _malformed(key, "malformed response", e)
+    return None
+
+
+def _stream_failure(key: str, e: Exception) -> Attempt | None:
+    """A streamed call's transport errors and unreadable events."""
+    if isinstance(e, httpx.HTTPError):
+        return _transport_attempt(key, e)
+    if isinstance(e, (ValueError, AttributeError)):
+        return _malformed(key, "bad event", e)
+    return None
+
+
+class _Attempts:
+    """The walk down a model chain shared by `Dispatcher.complete` and `Dispatcher.stream`.
+
+    Iterating yields an `_Attempt` for each model its breaker admits, records a "circuit open"
+    attempt for each one it refuses, and stops early after a failure retrying cannot fix. It
+    keeps the failed attempts and the dispatch's start time for the answer or the error.
+    """
+
+    def __init__(
+        self,
+        breakers: CircuitBreakers,
+        chain: Sequence[tuple[str, ModelConfig]],
+        classify: _Classifier,
+        *,
+        log_content: bool,
+    ) -> None:
+        self.breakers = breakers
+        self.classify = classify
+        self.failed: list[Attempt] = []
+        self.stopped = False
+        self._chain = chain
+        self._log_content = log_content
+        self._start = time.perf_counter()
+
+    def __iter__(self) -> Iterator[_Attempt]:
+        for key, model in self._chain:
+            if self.stopped:
+                return
+            permit = self.breakers.admit(key)
+            if permit is None:
+                self.failed.append(Attempt(key, CIRCUIT_OPEN))
                 continue
-            except (httpx.HTTPError, ValueError, AttributeError) as e:
-                if isinstance(e, httpx.HTTPError):
-                    attempt = _transport_attempt(key, e)
-                else:
-                    attempt = _malformed(key, "bad event", e)
-                self._fail(failed, _Failure(attempt), permit, t0)  # after a token: settled
-                if started:
-                    raise self._all_failed(failed) from None
-                continue
-            finally:  # cancelled, or the caller stopped reading before the first token
-                self._breakers.settle(permit, Verdict.NEUTRAL)
-                _end_attempt_span(span, failed, key)
-            metrics.UPSTREAM_LATENCY.labels(key).observe(time.perf_counter() - t0)
-            yield StreamEnd(finish, usage, key, tuple(failed), (time.perf_counter() - start) * 1000)
-            return
-        raise self._all_failed(failed)
+            yield _Attempt(self, key, model, permit)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self._start) * 1000
+
+    def all_failed(self) -> DispatchFailed:
+        return DispatchFailed(self.failed, log_content=self._log_content)
+
+
+class _Attempt:
+    """One admitted call to one model, made inside `with attempt:`.
+
+    Entering starts the attempt's clock and span. Leaving settles the breaker as neutral unless
+    the call settled it (a cancelled call says nothing of the upstream) and ends the span. Then:
+    no exception records the latency and sets `answered`; a `_Failure`, or an exception the
+    run's classifier recognises, is recorded (metrics, breaker verdict) and swallowed so the
+    walk moves on, unless retrying cannot fix it (the walk stops) or the answer had already
+    begun (`started`: no fallback is possible, so it raises DispatchFailed); anything else
+    propagates.
+    """
+
+    def __init__(self, run: _Attempts, key: str, model: ModelConfig, permit: Permit) -> None:
+        self.key = key
+        self.model = model
+        self.permit = permit
+        self.span: trace.Span = trace.INVALID_SPAN
+        self.started = False
+        """Part of the answer has reached the caller: a later failure cannot fall back."""
+        self.answered = False
+        """The `with` block ran to its end."""
+        self._run = run
+        self._t0 = 0.0
+
+    def __enter__(self) -> _Attempt:
+        self._t0 = time.perf_counter()
+        self.span = _attempt_span(self.key, self.model)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        run = self._run
+        failure = self._failure(exc)
+        if failure is not None:
+            _record_failure(run.failed, failure.attempt, self._t0)
+            verdict, reason = _verdict(failure.attempt), _reason(failure.attempt)
+            run.breakers.settle(self.permit, verdict, reason, retry_after=failure.retry_after)
+        run.breakers.settle(self.permit, Verdict.NEUTRAL)
+        _end_attempt_span(self.span, run.failed, self.key)
+        if exc is None:
+            self.answered = True
+            metrics.UPSTREAM_LATENCY.labels(self.key).observe(time.perf_counter() - self._t0)
+            return False
+        if failure is None:
+            return False
+        if not failure.retryable:
+            run.stopped = True
+        elif self.started:
+            raise run.all_failed() from None
+        return True
+
+    def _failure(self, exc: BaseException | None) -> _Failure | None:
+        if isinstance(exc, _Failure):
+            return exc
+        if isinstance(exc, Exception):
+            attempt = self._run.classify(self.key, exc)
+            if attempt is not None:
+                return _Failure(attempt)
+        return None
 
 
 def _attempt_span(key: str, model: ModelConfig) -> trace.Span:

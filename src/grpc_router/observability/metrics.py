@@ -43,6 +43,18 @@ UPSTREAM_ERRORS = Counter(
     "Failed upstream LLM attempts, by model key and reason.",
     ["model", "reason"],
 )
+# Label values are configured model keys only (set by `CircuitBreakers.configure` in
+# `grpc_router.dispatch.breaker`, which records both).
+CIRCUIT_STATE = Gauge(
+    "grpc_router_circuit_state",
+    "Circuit breaker state of each configured upstream model: 0 closed, 1 open, 2 half-open.",
+    ["model"],
+)
+CIRCUIT_TRANSITIONS = Counter(
+    "grpc_router_circuit_transitions_total",
+    "Circuit breaker transitions, by model key and the state entered.",
+    ["model", "to"],
+)
 BATCH_SIZE = Histogram(
     "grpc_router_engine_batch_size",
     "Conversations per engine batch.",
