@@ -245,14 +245,19 @@ class _Call:
             self.finish(self.context, cancelled)
         return False
 
-    def check_header(self) -> None:
+    def enter(self, request: Any, parse: Parse | None) -> Any:
+        """The entry every wrapped handler shares, in this order: reject a bad request id
+        header (RouterService only), parse the request (unless gRPC did), then take a routing
+        slot (ListRoutes takes none); returns the request the handler gets. Its errors go to
+        `__aexit__`, which answers them, and `finish` releases the slot only if it was taken."""
         if self.header_error is not None and self.method.startswith(ROUTER_SERVICE_PREFIX):
             raise self.header_error
-
-    def admit(self) -> None:
+        if parse is not None:
+            request = parse(request)
         if self.method not in UNLIMITED_METHODS:
             self.calls._admit()
             self.admitted = True
+        return request
 
     def interrupt(self) -> None:
         """End the call UNAVAILABLE: at once where it waits in its handler, else as soon as
@@ -373,11 +378,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> _Handler:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with self._call(method, metadata, context) as call:
-                call.check_header()
-                if parse is not None:
-                    request = parse(request)
-                call.admit()
-                return await behavior(request, context)
+                return await behavior(call.enter(request, parse), context)
 
         return wrapper
 
@@ -390,11 +391,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     ) -> _Handler:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with self._call(method, metadata, context) as call:
-                call.check_header()
-                if parse is not None:
-                    request = parse(request)
-                call.admit()
-                result = behavior(request, context)
+                result = behavior(call.enter(request, parse), context)
                 if inspect.isawaitable(result):  # handlers that use context.write()
                     await result
                 else:
