@@ -1,6 +1,8 @@
 """The router core: validate a request, ask the engine, apply policy, map the route to models.
 
 Transport-agnostic: the gRPC servicer and the Envoy ext_proc servicer both call `Router.route`.
+The session policy (sticky, pin) lives in `grpc_router.core.session_policy`; the Router only
+asks it before and after deciding.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from opentelemetry import trace
 
 from grpc_router.core.conversation import routing_view, view_key
 from grpc_router.core.decisions import DecisionCache
-from grpc_router.core.sessions import Session, SessionStore
+from grpc_router.core.session_policy import SessionPolicy, SessionTurn
+from grpc_router.core.sessions import SessionStore
 from grpc_router.core.validation import validate_params, validate_request
 from grpc_router.dispatch.upstream import (
     Completion,
@@ -36,7 +39,6 @@ from grpc_router.types import (
     RouteOutcome,
     RouteRequest,
     RouteSpec,
-    SessionStatus,
     route_set_key,
 )
 
@@ -70,11 +72,11 @@ class Router:
         self._dispatcher = dispatcher or Dispatcher()
         self._dispatcher.configure(config)
         self._decisions = DecisionCache(config.routing.decision_cache_size)
-        self._sessions = SessionStore(config.session.max_sessions, config.session.ttl_s)
+        self._session_policy = SessionPolicy(config.session)
 
     @property
     def sessions(self) -> SessionStore:
-        return self._sessions
+        return self._session_policy.store
 
     @property
     def config(self) -> AppConfig:
@@ -90,7 +92,7 @@ class Router:
         self._config = config
         self._dispatcher.configure(config)  # breakers keep the state of kept models
         self._decisions.max_entries = config.routing.decision_cache_size
-        self._sessions.resize(config.session.max_sessions, config.session.ttl_s)
+        self._session_policy.resize(config.session)
 
     async def close(self) -> None:
         await self._dispatcher.close()
@@ -112,10 +114,11 @@ class Router:
         view = routing_view(request.messages, cfg.routing.strip_tags)
         route_set = route_set_key(routes)
         key = view_key(view, route_set)
-        session, status = self._session_of(cfg, request.session_id, route_set)
-        if session is not None and session.view == key:  # no new user turn: a tool step
-            return self._held(cfg, session, routes, status, request.full_scores)
-        need_scores = request.full_scores or session is not None
+        turn = self._session_policy.begin(cfg.session, request.session_id, route_set, key)
+        held = turn.held()
+        if held is not None:  # no new user turn: a tool step
+            return self._held(cfg, held, routes, turn)
+        need_scores = request.full_scores or turn.session is not None
         decision = self._decisions.get(key, need_scores=need_scores)
         source = DecisionSource.CACHE
         engine_ms = 0.0
@@ -125,7 +128,7 @@ class Router:
             try:
                 decision = await self._decide(cfg, view, routes, need_scores, timeout_s)
             except _EngineFailed as failed:
-                return replace(failed.outcome, session_status=status)
+                return replace(failed.outcome, session_status=turn.status)
             engine_ms = (time.perf_counter() - start) * 1000
             metrics.DECISION_LATENCY.labels(decision.engine or self._engine.name).observe(
                 engine_ms / 1000
@@ -135,12 +138,8 @@ class Router:
             )
             self._decisions.put(key, decision)
         metrics.DECISION_SOURCES.labels(source).inc()
-        answer, pinned, switched = decision, False, False
-        if request.session_id and cfg.session.policy != "off":
-            answer, pinned, switched = self._apply_session(
-                cfg, request.session_id, session, decision, route_set, key
-            )
-        outcome = self._apply_policy(cfg, answer, routes, engine_ms, held=pinned)
+        answer = self._session_policy.settle(turn, decision)
+        outcome = self._apply_policy(cfg, answer.decision, routes, engine_ms, held=answer.pinned)
         if source is DecisionSource.CACHE:  # the cached run's timings are not this call's
             outcome = replace(outcome, timings_ms={"engine": 0.0})
         outcome = replace(
@@ -149,9 +148,9 @@ class Router:
             decision=decision,
             engine_route=decision.route,
             source=source,
-            session_status=status,
-            pinned=pinned,
-            switched=switched,
+            session_status=turn.status,
+            pinned=answer.pinned,
+            switched=answer.switched,
         )
         self._count(outcome)
         _annotate_span(outcome)
@@ -190,77 +189,21 @@ class Router:
             metrics.QUEUE_DEPTH.dec()
         raise _EngineFailed(failed)
 
-    # -- sessions ---------------------------------------------------------------------------
-
-    def _session_of(
-        self, cfg: AppConfig, session_id: str, route_set: str
-    ) -> tuple[Session | None, SessionStatus]:
-        if not session_id or cfg.session.policy == "off":
-            return None, SessionStatus.NONE
-        self._sessions.expire_idle()
-        session, status = self._sessions.get(session_id)
-        metrics.SESSIONS.set(len(self._sessions))
-        if status is not SessionStatus.CONTINUED:
-            metrics.SESSION_EVENTS.labels(status).inc()
-        if session is not None and session.route_set != route_set:
-            return None, status  # another route set: its route means nothing here
-        return session, status
-
     def _held(
-        self,
-        cfg: AppConfig,
-        session: Session,
-        routes: Sequence[RouteSpec],
-        status: SessionStatus,
-        full_scores: bool,
+        self, cfg: AppConfig, held: Decision, routes: Sequence[RouteSpec], turn: SessionTurn
     ) -> RouteOutcome:
         """A call that adds no user turn: the session's route, without running the model."""
-        held = Decision(route=session.route, confidence=session.confidence, engine="")
         metrics.DECISION_SOURCES.labels(DecisionSource.SESSION).inc()
         outcome = replace(
             self._apply_policy(cfg, held, routes, 0.0, held=True),
             engine="",
             decision=None,
             source=DecisionSource.SESSION,
-            session_status=status,
+            session_status=turn.status,
             pinned=True,
         )
         self._count(outcome)
         return outcome
-
-    def _apply_session(
-        self,
-        cfg: AppConfig,
-        session_id: str,
-        session: Session | None,
-        decision: Decision,
-        route_set: str,
-        key: str,
-    ) -> tuple[Decision, bool, bool]:
-        """The answer under the session policy, and whether it was pinned or switched; the
-        session remembers this turn."""
-        policy = cfg.session
-        if session is None:
-            self._sessions.put(
-                session_id, Session(decision.route, decision.confidence, route_set, key)
-            )
-            return decision, False, False
-        session.view = key
-        self._sessions.put(session_id, session)
-        if decision.route == session.route:
-            session.confidence = decision.confidence
-            return decision, False, False
-        best = decision.scores.get(decision.route, decision.confidence)
-        kept = decision.scores.get(session.route, 0.0)
-        may_switch = policy.policy == "sticky" and session.switches < policy.max_switches
-        if may_switch and best - kept >= policy.switch_margin:
-            session.route, session.confidence = decision.route, best
-            session.switches += 1
-            metrics.SESSION_EVENTS.labels("switched").inc()
-            return decision, False, True
-        metrics.SESSION_EVENTS.labels("held").inc()
-        session.confidence = kept
-        return replace(decision, route=session.route, confidence=kept), True, False
 
     def _count(self, outcome: RouteOutcome) -> None:
         """Metrics of an answered call. Route labels are the configured routes and the default

@@ -1,17 +1,10 @@
-"""Sessions: a conversation or agent run keeps its route instead of bouncing between models.
+"""The session store: a conversation or agent run remembered by id, bounded in number and age.
 
 A session remembers the route its calls were given and the view key of its latest user turn.
-Policies (`session.policy`):
-
-- off: sessions are not tracked; every new user turn decides afresh.
-- sticky: a new user turn runs the engine; the session keeps its route unless the turn's best
-  route is more probable than the session's route, on this turn, by `switch_margin`, and the
-  session has switches left (`max_switches`).
-- pin: the first decision holds for the session's lifetime; later calls run no model.
-
-A call that adds no user turn (a tool step) gets the session's route without a model run.
 Sessions live in this process's memory, idle ones expire after `ttl_s`, and at most
 `max_sessions` are kept (least recently used first out). A forgotten session starts afresh.
+What a session does to a call (`session.policy`: off, sticky, pin) is decided by
+`grpc_router.core.session_policy`.
 """
 
 from __future__ import annotations
