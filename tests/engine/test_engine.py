@@ -327,6 +327,9 @@ def test_follow_up_turns_reuse_the_conversation_and_decide_bit_identically(
             assert tight.prefix_cache.evictions > 0
             assert tight.prefix_cache.nbytes <= tight.prefix_cache.max_bytes
             assert warm.prefix_cache.kinds()["conversation"] == len(calls)
+            # kept KV owns its memory: no entry pins a run's onnxruntime buffers
+            for entry in warm.prefix_cache._lru.values():
+                assert all(isinstance(a, np.ndarray) and a.flags.owndata for a in entry.past)
         finally:
             for e in (cold, warm, tight):
                 await e.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import numpy as np
 
@@ -58,6 +60,46 @@ def test_a_prompt_an_entry_already_serves_is_not_stored_again() -> None:
     served = cache.put((1, 2, 3), kv((1, 2, 3)), "route_set")
     assert served is not None and served.ids == long
     assert len(cache) == 1 and cache.nbytes == nbytes(6)
+
+
+def test_an_entry_owns_its_memory() -> None:
+    """A view (as a run's outputs are, of onnxruntime's buffers) is kept as a copy, so the
+    buffer it came from can be freed; an array that owns its memory is kept as it is."""
+    cache = PrefixCache(max_bytes=1 << 20)
+    ids = (1, 2, 3)
+    base = [np.concatenate([a, a], axis=2) for a in kv(ids)]
+    views = [b[:, :, :3] for b in base]
+    entry = cache.put(ids, views, "conversation")
+    assert entry is not None
+    for kept, view in zip(entry.past, views, strict=True):
+        assert kept.flags.owndata and kept.base is None and not np.shares_memory(kept, view)
+        assert np.array_equal(kept, view)
+    owned = kv((4, 5))
+    entry = cache.put((4, 5), owned, "conversation")
+    assert entry is not None and all(k is o for k, o in zip(entry.past, owned, strict=True))
+
+
+def test_cleared_and_evicted_kv_is_freed_at_once() -> None:
+    """Without waiting for Python's cycle collector: the tree's nodes and entries point at
+    each other, and a cache that only let go of them would keep their KV."""
+    cache = PrefixCache(max_bytes=nbytes(12))
+    refs = []
+    for prompt in ((1, 2, 3, 4), (1, 2, 3, 5), (1, 2, 6, 7)):
+        past = kv(prompt)
+        refs.append([weakref.ref(a) for a in past])
+        cache.put(prompt, past, "conversation")
+        del past
+    gc.disable()
+    try:
+        cache.put((9, 9, 9, 9), kv((9, 9, 9, 9)), "conversation")  # evicts (1, 2, 3, 4)
+        assert cache.evictions == 1 and all(r() is None for r in refs[0])
+        assert all(r() is not None for r in refs[1] + refs[2])
+        cache.clear()
+        assert len(cache) == 0 and cache.nbytes == 0
+        assert all(r() is None for r in refs[1] + refs[2])
+    finally:
+        gc.enable()
+    assert cache.longest((1, 2, 3, 5)) is None
 
 
 def test_leaves_go_first_and_the_bound_holds() -> None:

@@ -316,8 +316,9 @@ class ArchRouterEngine:
 
     def _keep(self, ids: tuple[int, ...], state: Rows) -> None:
         """Keep a prompt's KV for the calls that continue it. A row cut out of a batch is
-        copied (a view would keep the whole batch alive); a run's own arrays are kept as they
-        are; a device's come to the host, where a follow-up cuts its prefix."""
+        copied (a view would keep the whole batch alive), and the cache copies a run's own
+        arrays out of onnxruntime's buffers; a device's come to the host, where a follow-up
+        cuts its prefix."""
         if state.batch > 1:
             state = state.row(0, len(ids))
         past = on_host(state.past)

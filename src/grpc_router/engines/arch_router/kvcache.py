@@ -18,7 +18,10 @@ of prompts rather than pages.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
+import platform
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -82,6 +85,7 @@ class PrefixCache:
         self._ids = itertools.count()
         self._bytes = 0
         self._lock = threading.Lock()
+        _return_freed_blocks()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -117,6 +121,8 @@ class PrefixCache:
         budget. Returns the entry that now serves `ids`, if any."""
         key_ids = tuple(ids)
         size = sum(kv_nbytes(a) for a in past)
+        if size <= self.max_bytes:
+            past = [_owned(a) for a in past]
         with self._lock:
             node, matched = self._walk(key_ids)
             if node is not None and matched == len(key_ids):
@@ -138,7 +144,19 @@ class PrefixCache:
             return entry
 
     def clear(self) -> None:
+        """Drop every entry. The tree's links are cut too: nodes and entries point at each
+        other, and a tree merely let go of would keep its KV until Python's cycle collector
+        next ran a full pass."""
         with self._lock:
+            stack = [self._root]
+            while stack:
+                node = stack.pop()
+                stack.extend(node.children.values())
+                node.children.clear()
+                node.entries.clear()
+                node.parent = None
+            for entry in self._lru.values():
+                entry.node = None
             self._root = _Node((), None)
             self._lru.clear()
             self._bytes = 0
@@ -234,3 +252,32 @@ def stack_past(items: list[list[KVTensor]]) -> list[KVTensor]:
     if len(items) == 1:
         return list(items[0])
     return [np.concatenate(layer, axis=0) for layer in zip(*map(on_host, items), strict=True)]
+
+
+def _owned(a: KVTensor) -> KVTensor:
+    """`a` in memory of its own. A run's outputs are views of onnxruntime's buffers, which come
+    from its arena: an entry kept there would pin arena chunks that the arena never gives back,
+    and interleaved with each run's scratch they make it grow run after run. A device tensor
+    stays where it is."""
+    if isinstance(a, np.ndarray) and not a.flags.owndata:
+        return np.array(a, order="C", copy=True)
+    return a
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+_threshold_set = False
+
+
+def _return_freed_blocks() -> None:
+    """Make glibc serve every block of 128 KiB or more with its own mapping, so that an
+    evicted entry's memory goes back to the system. By default glibc raises this threshold
+    each time such a block is freed, after which KV arrays come from the heap, which returns
+    memory only from its top: a process whose cache turns over keeps growing although the
+    cache stays in its budget. Once per process; nothing on other C libraries."""
+    global _threshold_set
+    if _threshold_set or platform.libc_ver()[0] != "glibc":
+        return
+    _threshold_set = True
+    with contextlib.suppress(OSError):  # no loadable libc.so.6: the default behaviour stays
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
