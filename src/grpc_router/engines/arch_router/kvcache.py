@@ -18,10 +18,7 @@ of prompts rather than pages.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import itertools
-import platform
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -85,7 +82,6 @@ class PrefixCache:
         self._ids = itertools.count()
         self._bytes = 0
         self._lock = threading.Lock()
-        _return_freed_blocks()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -262,22 +258,3 @@ def _owned(a: KVTensor) -> KVTensor:
     if isinstance(a, np.ndarray) and not a.flags.owndata:
         return np.array(a, order="C", copy=True)
     return a
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD_BYTES = 128 * 1024
-_threshold_set = False
-
-
-def _return_freed_blocks() -> None:
-    """Make glibc serve every block of 128 KiB or more with its own mapping, so that an
-    evicted entry's memory goes back to the system. By default glibc raises this threshold
-    each time such a block is freed, after which KV arrays come from the heap, which returns
-    memory only from its top: a process whose cache turns over keeps growing although the
-    cache stays in its budget. Once per process; nothing on other C libraries."""
-    global _threshold_set
-    if _threshold_set or platform.libc_ver()[0] != "glibc":
-        return
-    _threshold_set = True
-    with contextlib.suppress(OSError):  # no loadable libc.so.6: the default behaviour stays
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
