@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import structlog
 
 from grpc_router.engines.arch_router.graph import ALIGN
@@ -321,10 +320,7 @@ class ArchRouterEngine:
         cuts its prefix."""
         if state.batch > 1:
             state = state.row(0, len(ids))
-        past = on_host(state.past)
-        if not all(a.flags.c_contiguous for a in past):
-            past = [np.ascontiguousarray(a) for a in past]
-        self._cache.put(ids, past, "conversation")
+        self._cache.put(ids, on_host(state.past), "conversation")
 
     def _run_group(self, group: list[_Prepared]) -> list[Outcome]:
         """Prompts that continue the same kept prefix, in one prefill with their tries."""
