@@ -6,6 +6,7 @@ the engines decide on them, dispatch forwards them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -74,7 +75,15 @@ class RouteSpec:
 
 def route_set_key(routes: Sequence[RouteSpec]) -> str:
     """Stable hash of a route set: names, descriptions, examples and their order. Caches of
-    anything derived from a route set (prompt prefixes, embeddings, decisions) key by it."""
+    anything derived from a route set (prompt prefixes, embeddings, decisions) key by it.
+
+    Every decision asks for it (the router and the engine both), so recent sets are remembered:
+    hashing a tuple of RouteSpecs is cheap, serialising hundreds of examples is not."""
+    return _route_set_key(tuple(routes))
+
+
+@functools.lru_cache(maxsize=64)
+def _route_set_key(routes: tuple[RouteSpec, ...]) -> str:
     payload = json.dumps([[r.name, r.description, list(r.examples)] for r in routes])
     return hashlib.sha256(payload.encode()).hexdigest()
 

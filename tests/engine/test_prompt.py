@@ -17,7 +17,7 @@ from grpc_router.engines.arch_router.prompt import (
     user_prompt,
 )
 from grpc_router.errors import InvalidArgument
-from grpc_router.types import Message, Role, RouteSpec
+from grpc_router.types import Message, Role, RouteSpec, route_set_key
 
 ROUTES = [
     RouteSpec("code_generation", "Writing or fixing code in any programming language."),
@@ -214,3 +214,18 @@ def test_route_paths_are_in_context_tokens(qwen_tokenizer_dir: Path) -> None:
         assert list(path) == answer[len(prefix) : len(prefix) + len(path)]
         assert '"' in tok.decode([path[-1]])
     assert paths["Bus"] != paths["Buses"][: len(paths["Bus"])]
+
+
+def test_route_set_key_follows_content_not_objects() -> None:
+    """The key is remembered per route set; equal routes built anew share it, and any change
+    of name, description, examples or order gives another."""
+    rebuilt = [RouteSpec(r.name, r.description, r.examples) for r in ROUTES]
+    assert route_set_key(rebuilt) == route_set_key(ROUTES) == route_set_key(tuple(ROUTES))
+    changed = [
+        [RouteSpec("other_name", ROUTES[0].description), *ROUTES[1:]],
+        [RouteSpec(ROUTES[0].name, "Another description."), *ROUTES[1:]],
+        [RouteSpec(ROUTES[0].name, ROUTES[0].description, ("an example",)), *ROUTES[1:]],
+        list(reversed(ROUTES)),
+    ]
+    keys = {route_set_key(c) for c in changed} | {route_set_key(ROUTES)}
+    assert len(keys) == len(changed) + 1

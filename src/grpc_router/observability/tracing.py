@@ -83,7 +83,10 @@ def add_phase_spans(timings_ms: Mapping[str, float], end_ns: int, engine: str) -
     """Children of the current span for an engine decision's phases, laid end to end backwards
     from `end_ns` in the order the engine recorded them (Arch-Router: queue, prefill, then
     score or decode; the encoder: route_index, embed_score). The engine runs in its own
-    thread; its phase timings become spans here, in the caller's context."""
+    thread; its phase timings become spans here, in the caller's context. Nothing is built
+    when the current span is not recorded (tracing off, or the trace not sampled)."""
+    if not trace.get_current_span().is_recording():
+        return
     phases = [p for p, ms in timings_ms.items() if p not in _NOT_PHASES and ms > 0]
     starts: list[tuple[str, int, int]] = []
     at = end_ns

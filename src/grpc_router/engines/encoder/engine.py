@@ -312,7 +312,7 @@ class EncoderEngine:
             phrases=np.stack([p.vector for p in phrases]),
             slots=slots,
             counts=counts,
-            phrase_tokens=np.concatenate([p.tokens for p in phrases]),
+            phrase_tokens=np.ascontiguousarray(np.concatenate([p.tokens for p in phrases]).T),
             token_starts=np.concatenate([[0], np.cumsum(token_counts)[:-1]]).astype(np.intp),
             token_counts=token_counts.astype(np.float64),
             lexical=bm25.table(),

@@ -100,7 +100,7 @@ def pseudo_scores(
 ) -> PseudoScores:
     """Score each text of the route set (within `budget`) as a request, itself left out: the
     same `route_scores` as a real request, so both live on one scale."""
-    total_tokens, dim = index.phrase_tokens.shape
+    dim, total_tokens = index.phrase_tokens.shape
     chosen: list[int] = []
     spent = 0.0
     order = pseudo_order(index)
@@ -125,7 +125,7 @@ def pseudo_scores(
             end += 1
         chunk = rows[begin:end]
         tokens = np.concatenate(
-            [index.phrase_tokens[starts[j] : starts[j] + lengths[j]] for j in chunk]
+            [index.phrase_tokens[:, starts[j] : starts[j] + lengths[j]].T for j in chunk]
         )
         offsets = np.concatenate([[0], np.cumsum(lengths[chunk])[:-1]]).astype(np.intp)
         sims = (index.phrases[chunk] @ index.phrases.T).astype(np.float64)

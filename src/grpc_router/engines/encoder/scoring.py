@@ -42,9 +42,11 @@ class RouteIndex:
     """(routes, most phrases of a route): index into `phrases`, -1 where a route has fewer."""
     counts: npt.NDArray[np.intp]
     phrase_tokens: npt.NDArray[np.float32]
-    """(all phrases' tokens, dim), phrase after phrase."""
+    """(dim, all phrases' tokens): the token vectors as columns, phrase after phrase. A text's
+    tokens (rows) multiply it in one product whose per-token maxima run along rows, which is
+    several times faster than reducing across a short axis."""
     token_starts: npt.NDArray[np.intp]
-    """(phrases,) offset of each phrase's first row in `phrase_tokens`."""
+    """(phrases,) offset of each phrase's first column in `phrase_tokens`."""
     token_counts: npt.NDArray[np.float64]
     lexical: dict[str, npt.NDArray[np.float64]]
     """term -> (routes,) BM25 weight (`phrases.bm25_table`)."""
@@ -117,9 +119,9 @@ def token_interaction(
 ) -> Scores:
     """(texts, phrases): for each text (its token rows begin at `starts` in `tokens`) and each
     phrase, the mean over the phrase's tokens of the best cosine with one of the text's."""
-    best = np.maximum.reduceat(index.phrase_tokens @ tokens.T, starts, axis=1)
-    per_phrase = np.add.reduceat(best, index.token_starts, axis=0)
-    out: Scores = (per_phrase / index.token_counts[:, None]).T
+    best = np.maximum.reduceat(tokens @ index.phrase_tokens, starts, axis=0)
+    per_phrase = np.add.reduceat(best, index.token_starts, axis=1)
+    out: Scores = per_phrase / index.token_counts[None, :]
     return out
 
 
@@ -152,7 +154,7 @@ def text_scores(
     sims = (vectors @ index.phrases.T).astype(np.float64)
     if s.token_weight > 0:
         for i, text in enumerate(texts):
-            best_token = (index.phrase_tokens @ text.tokens.T).max(axis=1)
+            best_token = (text.tokens @ index.phrase_tokens).max(axis=0)
             per_phrase = np.add.reduceat(best_token, index.token_starts) / index.token_counts
             sims[i] += s.token_weight * per_phrase
     whole = (vectors @ index.whole.T).astype(np.float64)
