@@ -5,8 +5,9 @@ int8 variant. Each variant is written atomically with the same manifest and hash
 decoder artifacts; pooling facts go into `manifest.extra`, read by
 `grpc_router.engines.encoder.embedding`.
 
-int8 is onnxruntime's `quantize_dynamic` with per-channel weights. Its activation scale is picked
-per call, so the serving side embeds one text per call: no other text can shift a result.
+int8 is onnxruntime's BERT fusions, then `quantize_dynamic` with per-channel uint8 weights. Its
+activation scale is picked per call, so the serving side embeds one text per call: no other text
+can shift a result.
 """
 
 from __future__ import annotations
@@ -96,11 +97,58 @@ def _export_fp32(checkpoint: Path, work: Path) -> Path:
     return model
 
 
-def _quantize_int8(fp32_model: Path, out: Path) -> dict[str, Any]:
+def _fuse(fp32_model: Path, out: Path, config: dict[str, Any]) -> dict[str, int]:
+    """onnxruntime's BERT fusions (embedding layer norm, attention, skip layer norm, bias GELU)
+    into `out`; returns how many of each it made. One fused Attention node per layer replaces
+    about thirty small ones, which is most of what a short text costs beyond its MatMuls."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = optimize_model(
+        str(fp32_model),
+        model_type="bert",
+        num_heads=int(config.get("num_attention_heads", 0)),
+        hidden_size=int(config.get("hidden_size", 0)),
+    )
+    model.save_model_to_file(str(out))
+    stats = model.get_fused_operator_statistics()
+    return {op: int(n) for op, n in sorted(stats.items()) if n}
+
+
+def _quantize_int8(
+    fp32_model: Path, out: Path, config: dict[str, Any], progress: Progress
+) -> dict[str, Any]:
+    """Fuse, then quantize the MatMul and Attention weights to uint8, per channel, with
+    activations quantized per call. uint8 weights stay closer to fp32 than int8 ones on CPUs
+    without VNNI, whose u8 x s8 products saturate in 16 bits."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(fp32_model, out, weight_type=QuantType.QInt8, per_channel=True)
-    return {"scheme": "dynamic", "weight_type": "QInt8", "per_channel": True, "batch": 1}
+    fused_model = out.with_name("fused.onnx")
+    try:
+        fused = _fuse(fp32_model, fused_model, config)
+    except Exception as e:  # an architecture the fusions do not know: quantize it unfused
+        progress.info(f"int8: graph not fused ({type(e).__name__}: {e}); quantizing as exported")
+        fused, source = {}, fp32_model
+    else:
+        source = fused_model
+    try:
+        quantize_dynamic(
+            source,
+            out,
+            weight_type=QuantType.QUInt8,
+            per_channel=True,
+            # Fused nodes are in onnxruntime's own domain, where shape inference gives no type.
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    finally:
+        fused_model.unlink(missing_ok=True)
+    return {
+        "scheme": "dynamic",
+        "weight_type": "QUInt8",
+        "per_channel": True,
+        "fused": fused,
+        "batch": 1,
+    }
 
 
 def _embed_onnx(model: Path, tokenizer_json: Path, facts: dict[str, Any]) -> np.ndarray:
@@ -151,6 +199,8 @@ class _Source:
     revision: str | None
     facts: dict[str, Any]
     """Pooling facts (`pooling_facts`): the manifest's `extra`."""
+    config: dict[str, Any]
+    """The checkpoint's config.json (heads and width for the fusions)."""
 
 
 def export_encoder(
@@ -166,7 +216,9 @@ def export_encoder(
     """Write `out/name/<variant>/` for each variant; returns a Markdown summary table."""
     chosen = _chosen_variants(variants)
     config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    source = _Source(checkpoint, name, source_id, revision, pooling_facts(checkpoint, config))
+    source = _Source(
+        checkpoint, name, source_id, revision, pooling_facts(checkpoint, config), config
+    )
     root = Path(out) / name
     with scratch_dir(Path(out), f"{name}-encoder") as work:
         with progress.step("fp32: Optimum feature-extraction export"):
@@ -215,7 +267,7 @@ def _export_variant(
                 shutil.copyfile(fp32, model_path)
                 quant: dict[str, Any] = {}
             else:
-                quant = _quantize_int8(fp32, model_path)
+                quant = _quantize_int8(fp32, model_path, source.config, progress)
         _copy_tokenizer(source.checkpoint, builder.tmp)
         with progress.step(f"{variant}: parity vs PyTorch"):
             got = _embed_onnx(model_path, builder.tmp / "tokenizer.json", source.facts)

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 
 from grpc_router.engines.artifact import load_artifact, resolve_variant_dir
@@ -30,7 +31,12 @@ def test_manifest(encoder_artifact: Path) -> None:
         assert {"model.onnx", "tokenizer.json", "config.json"} <= set(m.files)
         floor = 0.999 if variant == "fp32" else 0.95
         assert m.parity["checked"] and m.parity["min_cosine"] > floor
-    assert load_artifact(encoder_artifact / "int8").quantization["per_channel"] is True
+    quant = load_artifact(encoder_artifact / "int8").quantization
+    assert quant["per_channel"] is True and quant["weight_type"] == "QUInt8"
+    # One fused attention per layer (six in MiniLM-L6), quantized along with the MatMuls.
+    assert quant["fused"]["Attention"] == 6 and quant["fused"]["SkipLayerNormalization"] == 12
+    ops = {n.op_type for n in onnx.load(str(encoder_artifact / "int8" / "model.onnx")).graph.node}
+    assert {"QAttention", "MatMulInteger", "SkipLayerNormalization"} <= ops
 
 
 def test_embeddings_are_unit_and_independent_of_padding(encoder_artifact: Path) -> None:

@@ -241,7 +241,10 @@ def test_lint_flags_a_constructed_overlapping_set(engine: EncoderEngine) -> None
     assert ("overlap", ("banking", "payments")) in kinds
     overlap = next(f for f in findings if f.routes == ("banking", "payments"))
     assert overlap.details["description_similarity"] >= 0.7
-    assert overlap.pairs and overlap.pairs[0][0] == overlap.pairs[0][1] == "account balance"
+    # The three phrases both descriptions list collide with themselves (similarity 1, in
+    # whatever order float rounding puts them).
+    identical = {a for a, b, sim in overlap.pairs if a == b and sim > 0.99}
+    assert identical == {"account balance", "transfer money", "pay bill"}
     misplaced = [f for f in findings if f.kind == "example_elsewhere"]
     assert any(f.text == "play some jazz" and f.routes == ("payments", "music") for f in misplaced)
     assert not engine.lint(ROUTES)
