@@ -137,6 +137,25 @@ def test_missing_routes_file(tmp_path: Path) -> None:
     assert result.returncode == 2 and "none.json: cannot read" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ([{"description": "x"}], "routes[0] needs a string `name`"),
+        ([{"name": "a", "description": ["x"]}], "routes[0].description must be a string"),
+        ([{"name": "a", "examples": "one example"}], "routes[0].examples must be a list"),
+    ],
+)
+def test_bad_routes_file_names_the_route(
+    tmp_path: Path, routes: list[dict[str, object]], message: str
+) -> None:
+    """The same checks as `grpc-router lint` (one parser): an `examples` string is refused,
+    not read as a list of its characters."""
+    cases, routes_file = write_set(tmp_path)
+    routes_file.write_text(json.dumps(routes))
+    result = cli(str(cases), "--routes", str(routes_file), "--engine", "encoder")
+    assert result.returncode == 2 and message in result.stderr
+
+
 def test_metrics_arithmetic() -> None:
     from grpc_router.evaluate import EvalCase, Prediction
 

@@ -95,6 +95,10 @@ def test_missing_and_invalid_files_say_what_to_do(tmp_path: Path, encoder_artifa
     empty.write_text("server: {port: 1}\n")
     none = lint(str(empty))
     assert none.returncode == 2 and "found no routes" in none.stderr
+    bad_examples = tmp_path / "bad-examples.json"
+    bad_examples.write_text(json.dumps([{"name": "a", "examples": "one example"}]))
+    bad_ex = lint(str(bad_examples))
+    assert bad_ex.returncode == 2 and "routes[0].examples must be a list" in bad_ex.stderr
     routes = tmp_path / "routes.json"
     routes.write_text(json.dumps(CLEAN))
     no_model = lint(str(routes), "--encoder-artifact", str(tmp_path / "no-artifact"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from grpc_router.types import OTHER_ROUTE, Message, Role, RouteSpec
@@ -53,18 +53,28 @@ def load_routes(path: Path) -> tuple[RouteSpec, ...]:
         raise EvalDataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list) or not data:
         raise EvalDataError(f"{path}: expected a non-empty JSON list of routes")
-    routes = []
-    for i, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise EvalDataError(f"{path}: routes[{i}] needs a string 'name'")
-        examples = item.get("examples") or []
-        routes.append(
-            RouteSpec(route_name(item["name"]), str(item.get("description", "")), tuple(examples))
-        )
+    routes = [replace(r, name=route_name(r.name)) for r in parse_routes(data, str(path))]
     names = [r.name for r in routes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise EvalDataError(f"{path}: route names collide after normalisation: {dupes}")
+    return tuple(routes)
+
+
+def parse_routes(items: Sequence[object], where: str) -> tuple[RouteSpec, ...]:
+    """Routes from a parsed routes list (`[{"name", "description"?, "examples"?}]`), names as
+    written; EvalDataError naming the first malformed item."""
+    routes = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise EvalDataError(f"{where}: routes[{i}] needs a string `name`.")
+        description = item.get("description") or ""
+        examples = item.get("examples") or []
+        if not isinstance(description, str):
+            raise EvalDataError(f"{where}: routes[{i}].description must be a string.")
+        if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
+            raise EvalDataError(f"{where}: routes[{i}].examples must be a list of strings.")
+        routes.append(RouteSpec(item["name"], description, tuple(examples)))
     return tuple(routes)
 
 

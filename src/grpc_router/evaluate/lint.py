@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from grpc_router.evaluate.dataset import EvalDataError, parse_routes
 from grpc_router.types import RouteSpec
 
 KINDS = ("overlap", "vague", "example_elsewhere")
@@ -60,18 +61,10 @@ def load_route_file(path: Path) -> tuple[tuple[RouteSpec, ...], dict[str, Any]]:
         data = data.get("routes")
     if not isinstance(data, list) or not data:
         raise LintInputError(f"{path}: found no routes. Expected {_FORMATS}.")
-    routes = []
-    for i, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise LintInputError(f"{path}: routes[{i}] needs a string `name`.")
-        description = item.get("description", "")
-        examples = item.get("examples") or []
-        if not isinstance(description, str):
-            raise LintInputError(f"{path}: routes[{i}].description must be a string.")
-        if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
-            raise LintInputError(f"{path}: routes[{i}].examples must be a list of strings.")
-        routes.append(RouteSpec(item["name"], description, tuple(examples)))
-    return tuple(routes), engine
+    try:
+        return parse_routes(data, str(path)), engine
+    except EvalDataError as e:
+        raise LintInputError(str(e)) from None
 
 
 async def lint_routes(
