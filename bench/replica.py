@@ -43,6 +43,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_router.engines.artifact import list_variants
+from grpc_router.engines.encoder.engine import intra_op_threads
 from grpc_router.serving.wire import messages_to_pb
 from grpc_router.settings.engines import EncoderSettings
 from grpc_router.types import Message, Role
@@ -494,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: str(v) for k, v in vars(args).items()},
         "config_source": str(args.config.relative_to(repo_root()))
         if args.config.is_relative_to(repo_root()) else str(args.config),
-        "engine_settings": f"workers {enc.workers}, threads {enc.threads}, "
+        "engine_settings": f"workers {enc.workers}, threads {intra_op_threads(enc)}, "
         f"max_queue {enc.max_queue}",
         "server": {k: config["server"].get(k) for k in ("max_concurrent_rpcs",)},
         "artifact": str(artifact),

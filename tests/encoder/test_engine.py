@@ -4,12 +4,13 @@ caching and errors."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from grpc_router.engines.encoder.engine import EncoderEngine
+from grpc_router.engines.encoder.engine import EncoderEngine, intra_op_threads
 from grpc_router.engines.encoder.phrases import bm25_table, humanize, split_phrases, terms
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
 from grpc_router.settings import EncoderSettings
@@ -140,6 +141,35 @@ def test_decision_does_not_depend_on_neighbours(engine: EncoderEngine) -> None:
         )
 
     assert dict(asyncio.run(crowd())[3].scores) == dict(alone)
+
+
+def test_threads_follow_the_cpus_unless_set(
+    encoder_artifact: Path, engine: EncoderEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`threads: null` shares the CPUs this process may use among the workers (at most 4);
+    a number is taken as given. Two threads decide as one does."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert intra_op_threads(EncoderSettings()) == 4
+    assert intra_op_threads(EncoderSettings(workers=8)) == 2
+    assert intra_op_threads(EncoderSettings(workers=32)) == 1
+    assert intra_op_threads(EncoderSettings(threads=6)) == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert intra_op_threads(EncoderSettings()) == 2
+    monkeypatch.undo()
+    one = EncoderEngine(encoder_artifact, EncoderSettings(threads=1))
+    two = EncoderEngine(encoder_artifact, EncoderSettings(threads=2))
+    asyncio.run(one.start())
+    asyncio.run(two.start())
+    try:
+        assert one.model is not None and one.model.threads == 1
+        assert two.model is not None and two.model.threads == 2
+        for text in ("is it going to snow this weekend in Denver", "play the next track"):
+            a, b = decide(one, [user(text)]), decide(two, [user(text)])
+            assert a.route == b.route
+            assert all(abs(a.scores[k] - b.scores[k]) < 1e-4 for k in a.scores)
+    finally:
+        asyncio.run(one.close())
+        asyncio.run(two.close())
 
 
 def test_route_set_cache(engine: EncoderEngine) -> None:

@@ -121,7 +121,13 @@ class EncoderSettings(BaseModel):
     variant: str | None = Field(
         default=None, description="Artifact variant (int8, fp32); None = the artifact's default."
     )
-    threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads per call.")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="onnxruntime intra-op threads per call; None: the CPUs this process may "
+        "use, shared among the workers, at most 4 (a short text's products stop gaining "
+        "beyond that). 1 spends the least CPU per decision.",
+    )
     workers: int = Field(
         default=1, ge=1, description="Decisions computed at once (each in its own thread)."
     )

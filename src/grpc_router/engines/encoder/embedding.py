@@ -70,6 +70,7 @@ class EmbeddingModel:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(self.max_length)
         options = ort.SessionOptions()
+        self.threads = threads
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
