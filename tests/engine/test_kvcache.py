@@ -7,7 +7,9 @@ import random
 import weakref
 
 import numpy as np
+import pytest
 
+from grpc_router.engines.arch_router import kvcache
 from grpc_router.engines.arch_router.kvcache import PrefixCache
 
 LAYERS = 2
@@ -60,6 +62,28 @@ def test_a_prompt_an_entry_already_serves_is_not_stored_again() -> None:
     served = cache.put((1, 2, 3), kv((1, 2, 3)), "route_set")
     assert served is not None and served.ids == long
     assert len(cache) == 1 and cache.nbytes == nbytes(6)
+
+
+def test_a_served_prompt_is_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's KV is copied only when it is to be kept: ids an entry already serves cost no
+    copy (a follow-up turn's KV is tens of MB)."""
+    copies: list[int] = []
+    real = kvcache._owned
+
+    def counting(a: np.ndarray) -> np.ndarray:
+        copies.append(a.size)
+        return real(a)
+
+    monkeypatch.setattr(kvcache, "_owned", counting)
+    cache = PrefixCache(max_bytes=1 << 20)
+    long = (1, 2, 3, 4, 5, 6)
+    views = [np.concatenate([a, a], axis=2)[:, :, :6] for a in kv(long)]
+    assert cache.put(long, views, "conversation") is not None
+    kept = len(copies)
+    assert kept == len(views)
+    assert cache.put(long, views, "conversation") is not None
+    assert cache.put((1, 2, 3), [v[:, :, :3] for v in views], "conversation") is not None
+    assert len(copies) == kept and len(cache) == 1
 
 
 def test_an_entry_owns_its_memory() -> None:

@@ -117,16 +117,17 @@ class PrefixCache:
         budget. Returns the entry that now serves `ids`, if any."""
         key_ids = tuple(ids)
         size = sum(kv_nbytes(a) for a in past)
-        if size <= self.max_bytes:
-            past = [_owned(a) for a in past]
         with self._lock:
-            node, matched = self._walk(key_ids)
-            if node is not None and matched == len(key_ids):
-                key, entry = next(reversed(node.entries.items()))
-                self._lru.move_to_end(key)
-                return entry
-            if size > self.max_bytes:
-                return None
+            served = self._serving(key_ids)
+        if served is not None or size > self.max_bytes:
+            return served
+        # The copy (tens of MB for a follow-up turn) is made outside the lock, and only for
+        # ids no entry serves; another thread may have kept them meanwhile, so look again.
+        past = [_owned(a) for a in past]
+        with self._lock:
+            served = self._serving(key_ids)
+            if served is not None:
+                return served
             for a in past:
                 if isinstance(a, np.ndarray):
                     a.setflags(write=False)  # shared by every prompt that starts with these ids
@@ -138,6 +139,16 @@ class PrefixCache:
             self._lru[key] = entry
             self._bytes += size
             return entry
+
+    def _serving(self, key_ids: tuple[int, ...]) -> KVEntry | None:
+        """The newest entry that starts with `key_ids` (marked recently used), if any; under
+        the lock."""
+        node, matched = self._walk(key_ids)
+        if node is None or matched != len(key_ids):
+            return None
+        key, entry = next(reversed(node.entries.items()))
+        self._lru.move_to_end(key)
+        return entry
 
     def clear(self) -> None:
         """Drop every entry. The tree's links are cut too: nodes and entries point at each
