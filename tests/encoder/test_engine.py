@@ -4,12 +4,12 @@ caching and errors."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from grpc_router.engines.encoder import engine as engine_module
 from grpc_router.engines.encoder.engine import EncoderEngine, intra_op_threads
 from grpc_router.engines.encoder.phrases import bm25_table, humanize, split_phrases, terms
 from grpc_router.errors import EngineUnavailable, InvalidArgument, Overloaded
@@ -148,12 +148,12 @@ def test_threads_follow_the_cpus_unless_set(
 ) -> None:
     """`threads: null` shares the CPUs this process may use among the workers (at most 4);
     a number is taken as given. Two threads decide as one does."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.setattr(engine_module, "available_cpus", lambda: 16)
     assert intra_op_threads(EncoderSettings()) == 4
     assert intra_op_threads(EncoderSettings(workers=8)) == 2
     assert intra_op_threads(EncoderSettings(workers=32)) == 1
     assert intra_op_threads(EncoderSettings(threads=6)) == 6
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(engine_module, "available_cpus", lambda: 2)
     assert intra_op_threads(EncoderSettings()) == 2
     monkeypatch.undo()
     one = EncoderEngine(encoder_artifact, EncoderSettings(threads=1))

@@ -19,7 +19,6 @@ thresholds are fitted to each route set, without labels, when its index is built
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import numpy as np
 import structlog
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from grpc_router.engines.cpus import available_cpus
 from grpc_router.engines.encoder.embedding import EmbeddingModel
 from grpc_router.engines.encoder.fit import OtherFit, fit_other, pseudo_scores
 from grpc_router.engines.encoder.lint import Finding, lint_index
@@ -75,15 +75,14 @@ MAX_AUTO_THREADS = 4
 
 
 def intra_op_threads(s: EncoderSettings) -> int:
-    """`s.threads`, or (None) the CPUs this process may use shared among `s.workers`, at most
-    `MAX_AUTO_THREADS`. One decision at a time then uses the cores an idle replica has: with
-    onnxruntime's spinning workers, a second thread cuts a short text's run by a quarter to a
-    third on a 2-core machine."""
+    """`s.threads`, or (None) the CPUs this process may use (`available_cpus`: its affinity
+    and its container's CPU limit) shared among `s.workers`, at most `MAX_AUTO_THREADS`. One
+    decision at a time then uses the cores an idle replica has: with onnxruntime's spinning
+    workers, a second thread cuts a short text's run by a quarter to a third on a 2-core
+    machine."""
     if s.threads is not None:
         return s.threads
-    affinity = getattr(os, "sched_getaffinity", None)
-    cpus = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-    return max(1, min(MAX_AUTO_THREADS, cpus // s.workers))
+    return max(1, min(MAX_AUTO_THREADS, available_cpus() // s.workers))
 
 
 def validate_routes(routes: Sequence[RouteSpec]) -> None:
