@@ -42,3 +42,24 @@ def test_the_limit_caps_the_affinity(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cpus.available_cpus(cgroup(tmp_path / "half", {"cpu.max": "50000 100000"})) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
     assert cpus.available_cpus(cgroup(tmp_path / "eight", {"cpu.max": "800000 100000"})) == 2
+
+
+def test_arch_router_threads_follow_a_container_limit(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's own default counts the host's cores; under a CPU limit the Arch-Router
+    session takes the limit instead. An explicit `intra_op_threads` wins either way."""
+    from grpc_router.engines.arch_router import runtime
+
+    model = tiny_artifacts / "int8" / "model.onnx"
+
+    def threads(**kwargs: int) -> int:
+        session = runtime.DecoderSession(model, provider="cpu", **kwargs)
+        return int(session.session.get_session_options().intra_op_num_threads)
+
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: None)
+    assert threads() == 0  # onnxruntime's default
+    monkeypatch.setattr(runtime, "cgroup_cpu_quota", lambda: 1.0)
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 1)
+    assert threads() == 1
+    assert threads(intra_op_threads=2) == 2

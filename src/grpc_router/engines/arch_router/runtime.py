@@ -26,6 +26,7 @@ from grpc_router.engines.arch_router.graph import (
     KEEP_META,
     MASK4D_INPUT,
 )
+from grpc_router.engines.cpus import available_cpus, cgroup_cpu_quota
 from grpc_router.errors import ArtifactError, EngineUnavailable
 
 log = structlog.get_logger(__name__)
@@ -193,6 +194,10 @@ class DecoderSession:
         self._device = "cpu" if self.choice.name == CPU else "cuda"
         self._defaults: dict[str, Int64Array] = {}
         self._bound_ran = False
+        if intra_op_threads is None and cgroup_cpu_quota() is not None:
+            # onnxruntime sizes its pool to the host's cores, not to a container's CPU limit:
+            # threads beyond the limit would only be throttled.
+            intra_op_threads = available_cpus()
         opts = self._session_options(intra_op_threads, inter_op_threads)
         self.device_kv = self._want_device_kv(device_kv)
         self.session = self._open(model_file, opts)
