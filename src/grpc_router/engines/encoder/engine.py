@@ -77,9 +77,8 @@ MAX_AUTO_THREADS = 4
 def intra_op_threads(s: EncoderSettings) -> int:
     """`s.threads`, or (None) the CPUs this process may use (`available_cpus`: its affinity
     and its container's CPU limit) shared among `s.workers`, at most `MAX_AUTO_THREADS`. One
-    decision at a time then uses the cores an idle replica has: with onnxruntime's spinning
-    workers, a second thread cuts a short text's run by a quarter to a third on a 2-core
-    machine."""
+    decision at a time then uses the cores an idle replica has: onnxruntime's workers spin
+    between nodes, so even a short text's many small nodes run faster on more threads."""
     if s.threads is not None:
         return s.threads
     return max(1, min(MAX_AUTO_THREADS, available_cpus() // s.workers))

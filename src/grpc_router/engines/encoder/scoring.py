@@ -42,9 +42,9 @@ class RouteIndex:
     """(routes, most phrases of a route): index into `phrases`, -1 where a route has fewer."""
     counts: npt.NDArray[np.intp]
     phrase_tokens: npt.NDArray[np.float32]
-    """(dim, all phrases' tokens): the token vectors as columns, phrase after phrase. A text's
-    tokens (rows) multiply it in one product whose per-token maxima run along rows, which is
-    several times faster than reducing across a short axis."""
+    """(dim, all phrases' tokens): the token vectors as columns, phrase after phrase, so that a
+    text's tokens (rows) multiply it in one product whose per-token maxima run along rows,
+    not across a short axis."""
     token_starts: npt.NDArray[np.intp]
     """(phrases,) offset of each phrase's first column in `phrase_tokens`."""
     token_counts: npt.NDArray[np.float64]
